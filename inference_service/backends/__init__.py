@@ -1,0 +1,1 @@
+"""Model backends of the inference service (transformers; vLLM for causal LMs)."""

@@ -1,0 +1,170 @@
+"""Wire schemas of the coordinator: runs, enrolment, tasks, updates, round records, the prompt."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from protos.arrays import Array
+from protos.run_config import RunConfig
+from protos.scoring import ProjectionSpec, Strict
+
+RunState = Literal["created", "running", "finished", "failed"]
+TaskKind = Literal["wait", "train", "done"]
+
+
+class RunCreated(Strict):
+    run_id: str
+
+
+class EnrolRequest(Strict):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class EnrolResponse(Strict):
+    client_id: str
+    token: str
+
+
+class RunInfo(Strict):
+    run_id: str
+    state: RunState
+    round: int = Field(description="the round now open (or the number of rounds done when finished)")
+    config: RunConfig
+    created_at: float
+    clients: int = 0
+    rounds_completed: int = 0
+    best_accuracy: float | None = None
+    final_accuracy: float | None = None
+    error: str | None = None
+
+
+class GlobalState(Strict):
+    """The global search distribution handed to clients: N(mean, sigma^2 C).
+
+    ``cov`` is the d x d matrix, or its diagonal [d] (``covariance: diagonal``), or null for I.
+    """
+
+    mean: Array
+    sigma: float = Field(gt=0)
+    cov: Array | None = None
+
+
+class Task(Strict):
+    """``GET /v1/runs/{id}/task``: what a client should do now."""
+
+    kind: TaskKind
+    round: int | None = None
+    state: GlobalState | None = None
+    config: RunConfig | None = None
+    client_seed: int | None = None
+    evaluate: bool = Field(default=False, description="score the received global mean on the test split")
+    deadline: float | None = Field(default=None, description="unix time the round closes")
+    retry_after_s: float = 1.0
+
+
+class ClientMetrics(Strict):
+    """What a client reports for monitoring; none of it enters the aggregation."""
+
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    n_test: int = 0
+    service_calls: int = 0
+    service_rows: int = 0
+    service_bytes_sent: int = 0
+    service_bytes_received: int = 0
+    seconds: float = 0.0
+
+
+def _finite(value: float, name: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+class ClientUpdate(Strict):
+    """``POST /v1/runs/{id}/rounds/{r}/updates``: one client's result of round r (ALGORITHM.md)."""
+
+    mean: Array = Field(description="final local mean [d]")
+    fitness: float = Field(description="local objective at the final mean")
+    sigmas: list[float] = Field(min_length=1, max_length=100_000, description="local sigma per generation")
+    mu: int = Field(ge=1, description="the local ES's parent number floor(lambda/2)")
+    n_samples: int = Field(ge=1)
+    metrics: ClientMetrics = Field(default_factory=ClientMetrics)
+
+    @field_validator("fitness")
+    @classmethod
+    def _fitness_finite(cls, v: float) -> float:
+        return _finite(v, "fitness")
+
+    @field_validator("sigmas")
+    @classmethod
+    def _sigmas_positive(cls, v: list[float]) -> list[float]:
+        for s in v:
+            if not math.isfinite(s) or s <= 0:
+                raise ValueError(f"sigmas must be finite and positive, got {s}")
+        return v
+
+
+class UpdateAck(Strict):
+    accepted: bool
+    duplicate: bool = False
+    round: int
+    round_closed: bool = False
+
+
+class EvalReport(Strict):
+    """Evaluation of a final (``done``) prompt: ``POST /v1/runs/{id}/rounds/{r}/eval``."""
+
+    test_accuracy: float = Field(ge=0, le=1)
+    n_test: int = Field(ge=1)
+    test_loss: float | None = None
+
+
+class ParticipantRecord(Strict):
+    client_id: str
+    name: str
+    fitness: float
+    n_samples: int
+    metrics: ClientMetrics
+    bytes_in: int = 0
+    bytes_out: int = 0
+    clipped: bool = False
+    rejected: bool = False
+
+
+class RoundRecord(Strict):
+    """One round as the coordinator saw it. Round r starts from global state r and produces r+1."""
+
+    round: int
+    state: Literal["open", "closed"]
+    attempt: int = 1
+    sampled: list[str] = Field(default_factory=list)
+    participants: list[ParticipantRecord] = Field(default_factory=list)
+    sigma_before: float | None = Field(default=None, description="client sigma sent with the round's task")
+    sigma_after: float | None = Field(default=None, description="client sigma of the next round")
+    server_sigma: float | None = Field(default=None, description="sigma' used for the server update")
+    mean_norm: float | None = Field(default=None, description="|| mean || after the round")
+    train_loss: float | None = None
+    test_accuracy: float | None = Field(default=None, description="accuracy of global state r (start of round)")
+    final_test_accuracy: float | None = Field(default=None, description="accuracy of state r+1, last round only")
+    bytes_in: int = 0
+    bytes_out: int = 0
+    opened_at: float | None = None
+    closed_at: float | None = None
+    aggregation_seconds: float | None = None
+
+
+class PromptResponse(Strict):
+    """``GET /v1/runs/{id}/prompt``: all that is needed to use the tuned prompt with the service."""
+
+    z: Array
+    projection: ProjectionSpec
+    round: int = Field(description="number of aggregated rounds behind z")
+    task: str
+    template: str | None = None
+    labels: list[str] | None = None

@@ -1,0 +1,79 @@
+"""``RunConfig``: every hyperparameter of one federated run, stored with the run.
+
+Every field has a default, so ``POST /v1/runs`` with ``{}`` creates a run with the defaults of
+ALGORITHM.md (the reference job). Where paper and reference differ, the reference is the default
+and the paper's variant is an option.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from protos.scoring import ProjectionSpec, Strict
+
+
+class RunConfig(Strict):
+    name: str = Field(default="", max_length=200)
+
+    # Federation and rounds.
+    rounds: int = Field(default=200, ge=1, le=100_000)
+    frac: float = Field(default=1.0, gt=0, le=1, description="share of enrolled clients sampled per round")
+    min_clients: int = Field(default=1, ge=1, description="answers needed to close a round at its deadline")
+    round_timeout_s: float = Field(default=1800.0, gt=0, le=7 * 24 * 3600)
+    max_round_attempts: int = Field(
+        default=5, ge=1, description="a round re-issued this many times without min_clients answers fails the run"
+    )
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1)
+
+    # Prompt parameterisation and task.
+    projection: ProjectionSpec = Field(default_factory=ProjectionSpec)
+    task: str = Field(default="sst2", description="task preset: sst2 | yelp_polarity | ag_news")
+    template: str | None = Field(default=None, description="overrides the preset's template")
+    labels: list[str] | None = Field(default=None, description="overrides the preset's label words/anchors")
+    max_input_tokens: int = Field(default=256, ge=1, le=8192, description="inputs are truncated to this")
+
+    # Local (client) CMA-ES.
+    local_popsize: int = Field(default=5, ge=2, le=1000)
+    local_iters: int = Field(default=8, ge=1, le=10_000)
+    client_seeds: Literal["shared", "per_client"] = Field(
+        default="shared", description="shared: the reference's one seed for all clients and rounds"
+    )
+    loss: Literal["ce", "hinge"] = "ce"
+    perturb: bool = True
+    perturb_rate: float = Field(default=0.5, ge=0, le=1)
+    perturb_scope: Literal["input", "all"] = Field(
+        default="input", description="input: only input-text tokens; all: every position (the reference)"
+    )
+
+    # Server aggregation.
+    aggregator: Literal["cmaes", "fedavg"] = "cmaes"
+    server_sigma: Literal["reference", "paper"] = Field(
+        default="reference", description="reference: sqrt(sum sigma^2/(M*mu)); paper: Eq. 6 over the best half"
+    )
+    sigma_floor: float | None = Field(default=None, gt=0, description="lower bound of the clients' sigma")
+    covariance: Literal["full", "diagonal"] = Field(
+        default="full", description="what the task carries: the d x d matrix or only its diagonal"
+    )
+    covariance_dtype: Literal["float32", "float64"] = "float32"
+    fedavg_sigma: float | None = Field(default=None, gt=0, description="fixed sigma of fedavg (None: sigma0)")
+    robust: Literal["off", "clip", "reject"] = Field(
+        default="off", description="guard against updates moving more than robust_multiple*sigma*sqrt(d)"
+    )
+    robust_multiple: float = Field(default=3.0, gt=0)
+
+    # Evaluation of the global prompt on the clients' test splits.
+    eval_every: int = Field(default=1, ge=0, description="0: only the final prompt is evaluated")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.labels is not None and (len(self.labels) < 1 or any(not x.strip() for x in self.labels)):
+            raise ValueError("labels, when given, must be a non-empty list of non-empty strings")
+        if self.template is not None and self.template.count("{input}") != 1:
+            raise ValueError("template, when given, must contain {input} exactly once")
+        return self
+
+    @property
+    def dim(self) -> int:
+        return self.projection.intrinsic_dim
