@@ -2,6 +2,7 @@
 
 from protos.arrays import Array, ArrayError, decode_array
 from protos.federation import (
+    ClientIdentity,
     ClientMetrics,
     ClientUpdate,
     EnrolRequest,
@@ -35,6 +36,7 @@ from protos.scoring import (
 __all__ = [
     "Array",
     "ArrayError",
+    "ClientIdentity",
     "ClientMetrics",
     "ClientUpdate",
     "EnrolRequest",

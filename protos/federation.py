@@ -28,6 +28,15 @@ class EnrolResponse(Strict):
     token: str
 
 
+class ClientIdentity(Strict):
+    """``GET /v1/whoami`` (client bearer): the run and client a token belongs to, so a client
+    needs only its token and the coordinator's URL."""
+
+    client_id: str
+    run_id: str
+    name: str
+
+
 class RunInfo(Strict):
     run_id: str
     state: RunState
