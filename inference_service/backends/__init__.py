@@ -1,1 +1,38 @@
-"""Model backends of the inference service (transformers; vLLM for causal LMs)."""
+"""Model backends of the inference service (transformers; vLLM for causal LMs).
+
+``load_backend`` picks the head (given, or inferred from the model) and the backend. The vLLM
+backend lives in ``inference_service/backends/vllm_backend.py`` and exposes
+``load_vllm_backend(settings, head, model_id) -> Backend``; it is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from inference_service.model_files import display_id, infer_head
+from inference_service.settings import ServiceSettings, default_model_path
+
+if TYPE_CHECKING:
+    from inference_service.backends.base import Backend
+
+
+def load_backend(settings: ServiceSettings) -> Backend:
+    head = settings.head or infer_head(settings.model)
+    try:
+        default = default_model_path()
+    except ImportError:
+        default = None
+    model_id = settings.model_id or display_id(settings.model, default)
+    if settings.backend == "vllm":
+        if head != "causal":
+            raise ValueError(f"the vLLM backend serves the causal head only, not {head!r}")
+        try:
+            module = importlib.import_module("inference_service.backends.vllm_backend")
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"the vLLM backend is not available here: {exc}") from exc
+        backend: Backend = module.load_vllm_backend(settings, head, model_id)
+        return backend
+    from inference_service.backends.transformers_backend import load_transformers_backend
+
+    return load_transformers_backend(settings, head, model_id)

@@ -1,0 +1,57 @@
+"""Settings of the coordinator (pydantic-settings): environment variables ``FEDBPT_COORDINATOR_*``
+and the flags of ``fedbpt serve-coordinator``; the admin token is exactly ``FEDBPT_ADMIN_TOKEN``.
+Light import: pydantic only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 2**20
+
+
+class CoordinatorSettings(BaseSettings):
+    """Every knob of one coordinator. Env: ``FEDBPT_COORDINATOR_<NAME>`` (e.g.
+    ``FEDBPT_COORDINATOR_DB``); the admin bearer token is ``FEDBPT_ADMIN_TOKEN`` (unset: admin
+    calls are refused)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDBPT_COORDINATOR_", extra="ignore", validate_default=True, populate_by_name=True
+    )
+
+    admin_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("FEDBPT_ADMIN_TOKEN", "admin_token"),
+        description="bearer token of the admin routes (unset: admin routes answer 403)",
+    )
+    db: Path = Field(default=Path("coordinator.db"), description="SQLite file (created when missing)")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    deadline_check_interval_s: float = Field(
+        default=1.0, gt=0, le=3600, description="how often round deadlines are checked"
+    )
+    max_body_bytes: int = Field(default=16 * MIB, ge=1024, description="larger request bodies get 413")
+    max_task_wait_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="longest long-poll of GET task (the wait parameter is cut to it)",
+    )
+    retry_after_s: float = Field(default=1.0, gt=0, description="suggested pause a wait task carries")
+    log_level: str = "info"
+    crash_point: Literal["none", "after_update_commit"] = Field(
+        default="none",
+        description="fault injection for crash tests: SIGKILL the process right after committing the "
+        "update that completes a round, before the round is closed and the update acknowledged",
+    )
+
+    @field_validator("admin_token")
+    @classmethod
+    def _empty_token_is_none(cls, v: SecretStr | None) -> SecretStr | None:
+        # FEDBPT_ADMIN_TOKEN="" means "no admin", not "the empty token".
+        if v is not None and not v.get_secret_value():
+            return None
+        return v

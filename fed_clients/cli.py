@@ -1,0 +1,398 @@
+"""``fedbpt client``, ``fedbpt evaluate`` and ``fedbpt partition``.
+
+Imported by the ``fedbpt`` entry point on every install, so only typer (and the standard library)
+is imported at module level; everything else is imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from fed_clients.settings import ClientSettings
+    from fed_clients.transport import JsonService
+
+EXIT_FATAL = 2  # a 4xx, bad data or configuration: retrying will not help
+EXIT_UNAVAILABLE = 3  # a service stayed unreachable for the whole retry budget
+
+log = logging.getLogger("fed_clients")
+
+
+def _settings(**given: Any) -> ClientSettings:
+    from pydantic import ValidationError
+
+    from fed_clients.settings import ClientSettings
+
+    try:
+        return ClientSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def _setup_logging(level: str) -> None:
+    """Rich output on a terminal; one plain line per record otherwise (log files, CI)."""
+    import sys
+
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _service(settings: ClientSettings, name: str, url: str, token: str | None) -> JsonService:
+    from fed_clients.transport import JsonService, RetryPolicy
+
+    return JsonService(
+        name=name,
+        base_url=url,
+        token=token,
+        timeout_s=settings.request_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
+        retry=RetryPolicy(
+            total_s=settings.retry_total_s,
+            initial_s=settings.retry_initial_s,
+            max_backoff_s=settings.retry_max_s,
+        ),
+    )
+
+
+def _secret(value: Any) -> str | None:
+    return None if value is None else str(value.get_secret_value())
+
+
+def _fail(message: str, code: int = EXIT_FATAL) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _install_sigterm() -> None:
+    import signal
+    import sys
+
+    # A clean exit (finally blocks, closed connections) when a supervisor stops us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def client(
+    coordinator: str | None = typer.Option(None, help="coordinator URL (env FEDBPT_COORDINATOR)"),
+    token: str | None = typer.Option(None, help="this client's coordinator token (env FEDBPT_TOKEN)"),
+    model_endpoint: str | None = typer.Option(None, help="inference service URL (env FEDBPT_MODEL_ENDPOINT)"),
+    data: str | None = typer.Option(None, help="training data: .jsonl/.csv/.tsv or hf:NAME/CONFIG:SPLIT"),
+    test_data: str | None = typer.Option(None, help="held-out data for evaluation"),
+    text_column: str | None = typer.Option(None, help="text column (default: text)"),
+    label_column: str | None = typer.Option(None, help="label column (default: label)"),
+    label_names: list[str] | None = typer.Option(
+        None, "--label-name", help="order of string labels (repeat)"
+    ),
+    model_api_key: str | None = typer.Option(None, help="inference service key (env FEDBPT_API_KEY)"),
+    run_id: str | None = typer.Option(None, help="run id (default: GET /v1/whoami) (env FEDBPT_RUN_ID)"),
+    poll_wait: float | None = typer.Option(None, help="long-poll seconds of GET task (default 30)"),
+    retry_total: float | None = typer.Option(None, help="seconds one request is retried (default 600)"),
+    log_level: str | None = typer.Option(None, help="debug | info | warning"),
+) -> None:
+    """Join a federated run as one site: train locally each round, upload, evaluate at the end."""
+    settings = _settings(
+        coordinator=coordinator,
+        token=token,
+        model_endpoint=model_endpoint,
+        data=data,
+        test_data=test_data,
+        text_column=text_column,
+        label_column=label_column,
+        label_names=label_names or None,
+        api_key=model_api_key,
+        run_id=run_id,
+        poll_wait_s=poll_wait,
+        retry_total_s=retry_total,
+        log_level=log_level,
+    )
+    missing = [
+        flag
+        for flag, value in (
+            ("--coordinator", settings.coordinator),
+            ("--token", settings.token),
+            ("--model-endpoint", settings.model_endpoint),
+            ("--data", settings.data),
+        )
+        if not value
+    ]
+    if missing:
+        raise _fail(f"missing {', '.join(missing)} (or their FEDBPT_* environment variables)")
+    _setup_logging(settings.log_level)
+    _install_sigterm()
+
+    from fed_clients.client import ClientError, SiteClient
+    from fed_clients.coordinator_api import CoordinatorService
+    from fed_clients.data import DataError, load_labeled_texts
+    from fed_clients.model_api import ModelService
+    from fed_clients.presets import PresetError
+    from fed_clients.transport import FatalServiceError, ServiceError, ServiceUnavailable
+
+    assert settings.coordinator and settings.model_endpoint and settings.data
+    try:
+        train = load_labeled_texts(settings.data, settings.text_column, settings.label_column)
+        test = (
+            load_labeled_texts(settings.test_data, settings.text_column, settings.label_column)
+            if settings.test_data
+            else None
+        )
+    except DataError as exc:
+        raise _fail(str(exc)) from None
+    log.info("loaded %d training examples from %s", len(train), train.source)
+
+    coordinator_http = _service(settings, "coordinator", settings.coordinator, _secret(settings.token))
+    model_http = _service(settings, "model service", settings.model_endpoint, _secret(settings.api_key))
+    site = SiteClient(
+        CoordinatorService(coordinator_http),
+        ModelService(model_http, max_ids_per_call=settings.max_ids_per_call),
+        train,
+        test,
+        run_id=settings.run_id,
+        poll_wait_s=settings.poll_wait_s,
+        label_names=settings.label_names,
+    )
+    try:
+        result = site.run()
+    except ServiceUnavailable as exc:
+        raise _fail(str(exc), EXIT_UNAVAILABLE) from None
+    except (FatalServiceError, ServiceError, ClientError, DataError, PresetError) as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        coordinator_http.close()
+        model_http.close()
+    if result is not None:
+        typer.echo(f"final test accuracy: {result.accuracy:.4f} ({result.correct}/{result.n})")
+    typer.echo(f"done: trained {len(site.rounds_trained)} round(s)")
+
+
+def evaluate(
+    data: str = typer.Option(..., help="labelled data: .jsonl/.csv/.tsv or hf:NAME/CONFIG:SPLIT"),
+    model_endpoint: str | None = typer.Option(None, help="inference service URL (env FEDBPT_MODEL_ENDPOINT)"),
+    run_prompt: str | None = typer.Option(
+        None,
+        help="a saved PromptResponse JSON file, or a coordinator /v1/runs/{id}/prompt URL (none: zero-shot)",
+    ),
+    token: str | None = typer.Option(None, help="bearer token for a coordinator URL (env FEDBPT_TOKEN)"),
+    task: str | None = typer.Option(None, help="task preset (default: the prompt's, else sst2)"),
+    template: str | None = typer.Option(None, help="template override, with {input} (and {mask})"),
+    labels: list[str] | None = typer.Option(None, "--labels", help="label words/anchors override (repeat)"),
+    text_column: str | None = typer.Option(None, help="text column (default: text)"),
+    label_column: str | None = typer.Option(None, help="label column (default: label)"),
+    label_names: list[str] | None = typer.Option(
+        None, "--label-name", help="order of string labels (repeat)"
+    ),
+    model_api_key: str | None = typer.Option(None, help="inference service key (env FEDBPT_API_KEY)"),
+    max_input_tokens: int = typer.Option(256, help="inputs are truncated to this many tokens"),
+    batch_size: int = typer.Option(256, min=1, help="inputs per score call (progress granularity)"),
+    limit: int | None = typer.Option(None, min=1, help="evaluate only the first N examples"),
+) -> None:
+    """Accuracy (and a confusion table) of a prompt, or of no prompt (zero-shot), on a dataset."""
+    settings = _settings(
+        model_endpoint=model_endpoint,
+        api_key=model_api_key,
+        token=token,
+        text_column=text_column,
+        label_column=label_column,
+        label_names=label_names or None,
+    )
+    if not settings.model_endpoint:
+        raise _fail("missing --model-endpoint (or FEDBPT_MODEL_ENDPOINT)")
+    _setup_logging("warning")
+
+    from fed_clients.data import DataError, load_labeled_texts
+    from fed_clients.inputs import encode_split, input_budget
+    from fed_clients.model_api import ModelService
+    from fed_clients.presets import PresetError, resolve_task
+    from fed_clients.transport import ServiceError, ServiceUnavailable
+
+    model_http = _service(settings, "model service", settings.model_endpoint, _secret(settings.api_key))
+    try:
+        prompt = _load_prompt(run_prompt, settings) if run_prompt else None
+        model = ModelService(model_http, max_ids_per_call=settings.max_ids_per_call)
+        head = model.info().head
+        task_name = task or (prompt.task if prompt else "sst2")
+        resolved = resolve_task(
+            task_name,
+            head,
+            template if template is not None else (prompt.template if prompt else None),
+            list(labels) if labels else (prompt.labels if prompt else None),
+        )
+        prompt_length = prompt.projection.prompt_length if prompt else 0
+        budget = input_budget(model, resolved, prompt_length, max_input_tokens)
+        raw = load_labeled_texts(data, settings.text_column, settings.label_column)
+        if limit is not None:
+            raw = raw.subset(range(min(limit, len(raw))))
+        split = encode_split(model, raw, resolved, budget, settings.label_names)
+        result = _run_evaluation(model, resolved.spec, split, prompt, batch_size)
+    except ServiceUnavailable as exc:
+        raise _fail(str(exc), EXIT_UNAVAILABLE) from None
+    except (ServiceError, DataError, PresetError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        model_http.close()
+
+    _print_result(result, resolved, prompt, data, head)
+
+
+def _load_prompt(source: str, settings: ClientSettings) -> Any:
+    from pydantic import ValidationError
+
+    from protos import PromptResponse
+
+    if source.startswith(("http://", "https://")):
+        import httpx
+
+        parsed = httpx.URL(source)
+        base = str(parsed.copy_with(path="/", query=None)).rstrip("/")
+        http = _service(settings, "coordinator", base, _secret(settings.token))
+        try:
+            return http.get(parsed.path, PromptResponse)
+        finally:
+            http.close()
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"{source}: no such prompt file (give a PromptResponse JSON file or a /prompt URL)")
+    try:
+        return PromptResponse.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise ValueError(f"{source}: not a PromptResponse: {exc.errors(include_url=False)}") from None
+
+
+def _run_evaluation(model: Any, spec: Any, split: Any, prompt: Any, batch_size: int) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fed_clients.evaluate import evaluate_prompt
+
+    with Progress(
+        TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+    ) as bar:
+        job = bar.add_task("scoring", total=len(split))
+        return evaluate_prompt(
+            model,
+            spec,
+            split,
+            z=prompt.z.numpy() if prompt else None,
+            projection=prompt.projection if prompt else None,
+            batch_size=batch_size,
+            progress=lambda done: bar.update(job, completed=done),
+        )
+
+
+def _print_result(result: Any, resolved: Any, prompt: Any, data: str, head: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    names = list(resolved.class_names or resolved.spec.labels)
+    what = f"prompt of round {prompt.round}" if prompt else "zero-shot (no prompt)"
+    table = Table(title="confusion (rows: true label)")
+    table.add_column("true \\ predicted")
+    for name in names:
+        table.add_column(name, justify="right")
+    for i, name in enumerate(names):
+        table.add_row(name, *(str(int(v)) for v in result.confusion[i]))
+    console.print(table)
+    typer.echo(f"data: {data}; task {resolved.name} ({head} head); {what}")
+    typer.echo(f"accuracy: {result.accuracy:.4f} ({result.correct}/{result.n})")
+    typer.echo(f"loss: {result.loss:.4f}")
+
+
+def partition(
+    data: str = typer.Option(..., help="the dataset to split: .jsonl/.csv/.tsv or hf:NAME/CONFIG:SPLIT"),
+    clients: int = typer.Option(..., min=1, help="number of clients"),
+    out: Path = typer.Option(..., help="folder for client_<k>.jsonl and partition.json"),
+    alpha: float | None = typer.Option(None, help="Dirichlet label skew (smaller: more skew)"),
+    iid: bool = typer.Option(False, "--iid", help="IID split instead of Dirichlet"),
+    k_shot: int | None = typer.Option(
+        None, min=1, help="first sample K examples per class (whole federation)"
+    ),
+    seed: int = typer.Option(1234, help="seed of the sampling and the split"),
+    text_column: str = typer.Option("text", help="text column"),
+    label_column: str = typer.Option("label", help="label column"),
+) -> None:
+    """Split one dataset into N client files (JSON Lines), IID or Dirichlet label skew."""
+    if iid == (alpha is not None):
+        raise _fail("give exactly one of --iid or --alpha A")
+    if alpha is not None and alpha <= 0:
+        raise _fail("--alpha must be positive")
+
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fed_clients.data import DataError, encode_labels, load_labeled_texts, write_jsonl
+    from fed_clients.fewshot import k_shot as sample_k_shot
+    from fed_clients.partition import dirichlet_partition, iid_partition, label_counts, mean_label_entropy
+
+    try:
+        raw = load_labeled_texts(data, text_column, label_column)
+        labels = encode_labels(raw.labels)
+    except DataError as exc:
+        raise _fail(str(exc)) from None
+    # Class names for the table: the raw label values in index order.
+    names: dict[int, str] = {}
+    for value, index in zip(raw.labels, labels.tolist(), strict=True):
+        names.setdefault(int(index), str(value))
+    num_classes = int(labels.max()) + 1
+
+    pool = raw
+    if k_shot is not None:
+        pick = sample_k_shot(labels, k_shot, seed)
+        for c, n in sorted(pick.short_classes.items()):
+            typer.secho(
+                f"warning: class {names.get(c, c)} has only {n} examples (< {k_shot})", fg="yellow", err=True
+            )
+        pool = raw.subset(pick.train)
+        labels = labels[pick.train]
+    try:
+        parts = (
+            iid_partition(len(pool), clients, seed)
+            if iid
+            else dirichlet_partition(labels, clients, float(alpha or 0), seed)
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k, part in enumerate(parts):
+        path = out / f"client_{k}.jsonl"
+        subset = pool.subset(part)
+        write_jsonl(path, subset.texts, subset.labels)
+        files.append(path.name)
+    counts = label_counts(labels, parts, num_classes)
+    manifest = {
+        "source": raw.source,
+        "clients": clients,
+        "scheme": "iid" if iid else "dirichlet-per-class",
+        "alpha": alpha,
+        "k_shot": k_shot,
+        "seed": seed,
+        "files": files,
+        "classes": [names.get(c, str(c)) for c in range(num_classes)],
+        "label_counts": counts.tolist(),
+        "mean_label_entropy": mean_label_entropy(counts),
+    }
+    (out / "partition.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    table = Table(title=f"{len(pool)} examples of {raw.source} over {clients} clients ({manifest['scheme']})")
+    table.add_column("client")
+    for c in range(num_classes):
+        table.add_column(names.get(c, str(c)), justify="right")
+    table.add_column("total", justify="right")
+    for k, row in enumerate(counts):
+        table.add_row(files[k], *(str(int(v)) for v in row), str(int(row.sum())))
+    Console().print(table)
+    typer.echo(f"mean label entropy per client: {manifest['mean_label_entropy']:.3f} nats; wrote {out}")

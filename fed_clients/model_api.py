@@ -1,0 +1,130 @@
+"""The inference service as the client sees it: model info, tokenisation, scoring.
+
+Scoring honours the service's ``max_rows`` (largest P*B of one call) and a client-side cap on the
+token ids one body may carry: when P x B is too large, B (and, if need be, P) is split into as few
+calls as fit, and the logits are put back together as [P, B, C].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fed_clients.transport import FatalServiceError, JsonService, Traffic
+from protos import (
+    Array,
+    ModelInfo,
+    ProjectionSpec,
+    ScoreRequest,
+    ScoreResponse,
+    TaskSpec,
+    TemplatePerturbation,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+TOKENIZE_CHUNK = 2048
+DEFAULT_MAX_IDS_PER_CALL = 1_000_000  # ~7 MB of JSON: well under the service's 64 MiB body limit
+
+
+def batch_slices(lengths: Sequence[int], max_items: int, max_ids: int) -> list[slice]:
+    """Consecutive slices of the inputs, each at most ``max_items`` inputs and ``max_ids`` ids
+    (a single longer input goes alone)."""
+    if max_items < 1:
+        raise ValueError("max_items must be at least 1")
+    out: list[slice] = []
+    start = 0
+    ids = 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start >= max_items or ids + n > max_ids):
+            out.append(slice(start, i))
+            start, ids = i, 0
+        ids += n
+    if start < len(lengths):
+        out.append(slice(start, len(lengths)))
+    return out
+
+
+class ModelService:
+    """Typed calls to the inference service over a retrying :class:`JsonService`."""
+
+    def __init__(self, http: JsonService, max_ids_per_call: int = DEFAULT_MAX_IDS_PER_CALL) -> None:
+        self.http = http
+        self.max_ids_per_call = max_ids_per_call
+        self._info: ModelInfo | None = None
+
+    @property
+    def traffic(self) -> Traffic:
+        return self.http.traffic
+
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = self.http.get("/v1/model", ModelInfo)
+        return self._info
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (input text only: no special tokens, no template)."""
+        out: list[list[int]] = []
+        for start in range(0, len(texts), TOKENIZE_CHUNK):
+            chunk = list(texts[start : start + TOKENIZE_CHUNK])
+            response = self.http.post("/v1/tokenize", TokenizeRequest(texts=chunk), TokenizeResponse)
+            if len(response.input_ids) != len(chunk):
+                raise FatalServiceError(
+                    self.http.name, f"tokenize returned {len(response.input_ids)} rows for {len(chunk)} texts"
+                )
+            out.extend(response.input_ids)
+        return out
+
+    def score(
+        self,
+        task: TaskSpec,
+        input_ids: Sequence[Sequence[int]],
+        z: np.ndarray | None = None,
+        projection: ProjectionSpec | None = None,
+        perturb_template: TemplatePerturbation | None = None,
+    ) -> np.ndarray:
+        """Label logits [P, B, C] of P prompts (rows of ``z``; none: zero-shot, P = 1) on B inputs.
+
+        One call when P*B fits the service's ``max_rows``; otherwise the fewest calls that do. The
+        service seeds ``perturb_template`` rows by (seed, index within the call), so a split call
+        offsets the seed by its first input: inputs of different calls never share a draw, and the
+        same split (same B, same P) reproduces the same perturbed copy in every generation.
+        """
+        if (z is None) != (projection is None):
+            raise ValueError("z and projection go together")
+        num_prompts = 1 if z is None else int(z.shape[0])
+        max_rows = self.info().max_rows or 10**12
+        p_groups = [slice(p, min(p + max_rows, num_prompts)) for p in range(0, num_prompts, max_rows)]
+        lengths = [len(ids) for ids in input_ids]
+        blocks: list[np.ndarray] = []
+        for pg in p_groups:
+            p_count = pg.stop - pg.start
+            z_part = None if z is None else Array.from_numpy(np.asarray(z[pg], dtype=np.float32))
+            row_blocks: list[np.ndarray] = []
+            for bs in batch_slices(lengths, max(1, max_rows // p_count), self.max_ids_per_call):
+                request = ScoreRequest(
+                    projection=projection,
+                    z=z_part,
+                    task=task,
+                    input_ids=[list(ids) for ids in input_ids[bs]],
+                    perturb_template=(
+                        None
+                        if perturb_template is None
+                        else TemplatePerturbation(
+                            rate=perturb_template.rate,
+                            seed=(perturb_template.seed + bs.start) % (2**63),
+                        )
+                    ),
+                )
+                response = self.http.post("/v1/score", request, ScoreResponse)
+                logits = response.logits.numpy()
+                expected = (p_count, bs.stop - bs.start, len(task.labels))
+                if tuple(logits.shape) != expected:
+                    raise FatalServiceError(
+                        self.http.name, f"score returned logits of shape {logits.shape}, expected {expected}"
+                    )
+                self.http.traffic.rows += response.rows
+                row_blocks.append(np.asarray(logits, dtype=np.float64))
+            blocks.append(np.concatenate(row_blocks, axis=1))
+        return np.concatenate(blocks, axis=0)

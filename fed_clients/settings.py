@@ -1,0 +1,40 @@
+"""Settings of a site client (pydantic-settings): environment variables ``FEDBPT_*`` and the
+flags of ``fedbpt client`` / ``fedbpt evaluate`` (flags win). Light import: pydantic only."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ClientSettings(BaseSettings):
+    """Every knob of one site. Env: ``FEDBPT_<NAME>``, e.g. ``FEDBPT_COORDINATOR``,
+    ``FEDBPT_TOKEN`` (the client's coordinator token), ``FEDBPT_MODEL_ENDPOINT`` and
+    ``FEDBPT_API_KEY`` (the inference service's key, as the service itself reads it)."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDBPT_", extra="ignore", protected_namespaces=())
+
+    coordinator: str | None = Field(default=None, description="coordinator base URL")
+    token: SecretStr | None = Field(default=None, description="this client's coordinator bearer token")
+    run_id: str | None = Field(default=None, description="run to join (default: asked via GET /v1/whoami)")
+    model_endpoint: str | None = Field(default=None, description="inference service base URL")
+    api_key: SecretStr | None = Field(default=None, description="inference service bearer key")
+
+    data: str | None = Field(
+        default=None, description="training data: .jsonl/.csv/.tsv or hf:NAME[/CONFIG][:SPLIT]"
+    )
+    test_data: str | None = Field(default=None, description="held-out data for evaluation")
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: list[str] | None = Field(
+        default=None, description="order of string labels (default: the preset's class names, else sorted)"
+    )
+
+    poll_wait_s: float = Field(default=30.0, ge=0, le=600, description="long-poll wait of GET task")
+    retry_total_s: float = Field(default=600.0, gt=0, description="how long one request is retried")
+    retry_initial_s: float = Field(default=0.5, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+    request_timeout_s: float = Field(default=900.0, gt=0, description="read timeout of one call (score)")
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    max_ids_per_call: int = Field(default=1_000_000, ge=1, description="token ids one score body may carry")
+    log_level: str = "info"

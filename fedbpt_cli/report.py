@@ -1,0 +1,133 @@
+"""A finished run as a report folder: ``report.json`` (config, per-round metrics, bytes, summary),
+``curves.png`` (accuracy and loss per round) and ``prompt.json`` (the tuned prompt)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from protos import PromptResponse, RoundRecord, RunInfo
+
+
+def accuracy_curve(rounds: Sequence[RoundRecord]) -> list[tuple[int, float]]:
+    """(state index, test accuracy): round r's record holds state r's accuracy; the last round's
+    ``final_test_accuracy`` is the accuracy of the final state."""
+    points = [(r.round, r.test_accuracy) for r in rounds if r.test_accuracy is not None]
+    closed = [r for r in rounds if r.state == "closed"]
+    if closed and closed[-1].final_test_accuracy is not None:
+        points.append((closed[-1].round + 1, closed[-1].final_test_accuracy))
+    return [(i, float(a)) for i, a in points if a is not None]
+
+
+def bytes_per_client_round(rounds: Sequence[RoundRecord]) -> dict[str, float]:
+    """Mean bytes one client moved in one round, on each link, as measured on the wire."""
+    per: dict[str, list[float]] = {
+        "coordinator_to_client": [],
+        "client_to_coordinator": [],
+        "client_to_service": [],
+        "service_to_client": [],
+    }
+    for record in rounds:
+        for p in record.participants:
+            per["coordinator_to_client"].append(p.bytes_out)
+            per["client_to_coordinator"].append(p.bytes_in)
+            per["client_to_service"].append(p.metrics.service_bytes_sent)
+            per["service_to_client"].append(p.metrics.service_bytes_received)
+    return {k: (statistics.fmean(v) if v else 0.0) for k, v in per.items()}
+
+
+def summarize(
+    info: RunInfo,
+    rounds: Sequence[RoundRecord],
+    zero_shot_accuracy: float | None = None,
+    wall_seconds: float | None = None,
+) -> dict[str, Any]:
+    curve = accuracy_curve(rounds)
+    best = max(curve, key=lambda p: p[1]) if curve else None
+    closed = [r for r in rounds if r.state == "closed"]
+    final = curve[-1] if curve and closed and curve[-1][0] == closed[-1].round + 1 else None
+    return {
+        "run_id": info.run_id,
+        "state": info.state,
+        "rounds_completed": len(closed),
+        "zero_shot_accuracy": zero_shot_accuracy,
+        "initial_accuracy": curve[0][1] if curve and curve[0][0] == 0 else None,
+        "best_accuracy": best[1] if best else None,
+        "best_state": best[0] if best else None,
+        "final_accuracy": final[1] if final else None,
+        "final_train_loss": closed[-1].train_loss if closed else None,
+        "participants_per_round": statistics.fmean(len(r.participants) for r in closed) if closed else 0.0,
+        "bytes_per_client_per_round": bytes_per_client_round(closed),
+        "wall_seconds": wall_seconds,
+    }
+
+
+def plot_curves(rounds: Sequence[RoundRecord], path: Path, zero_shot_accuracy: float | None = None) -> None:
+    """Accuracy of each global state, mean train loss and client sigma per round, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    closed = [r for r in rounds if r.state == "closed"]
+    curve = accuracy_curve(rounds)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    if curve:
+        ax.plot([p[0] for p in curve], [p[1] for p in curve], marker="o", ms=3, label="global prompt")
+    if zero_shot_accuracy is not None:
+        ax.axhline(zero_shot_accuracy, color="grey", ls="--", label=f"zero-shot {zero_shot_accuracy:.3f}")
+    ax.set(title="test accuracy of the global prompt", xlabel="global state (rounds aggregated)", ylabel="accuracy")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+
+    ax = axes[1]
+    losses = [(r.round, r.train_loss) for r in closed if r.train_loss is not None]
+    if losses:
+        ax.plot([p[0] for p in losses], [p[1] for p in losses], marker="o", ms=3, color="tab:red")
+    ax.set(title="mean client train loss (after local training)", xlabel="round", ylabel="cross-entropy")
+    ax.grid(alpha=0.3)
+
+    ax = axes[2]
+    sig = [(r.round, r.sigma_before) for r in closed if r.sigma_before is not None]
+    if sig:
+        ax.plot([p[0] for p in sig], [p[1] for p in sig], marker="o", ms=3, color="tab:green", label="client sigma")
+    srv = [(r.round, r.server_sigma) for r in closed if r.server_sigma is not None]
+    if srv:
+        ax.plot([p[0] for p in srv], [p[1] for p in srv], marker=".", ms=3, color="tab:olive", label="server sigma'")
+    ax.set(title="step sizes", xlabel="round", ylabel="sigma")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    out_dir: Path,
+    info: RunInfo,
+    rounds: Sequence[RoundRecord],
+    prompt: PromptResponse | None,
+    simulation: dict[str, Any],
+    zero_shot_accuracy: float | None = None,
+    wall_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Write the three report files and return the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(info, rounds, zero_shot_accuracy, wall_seconds)
+    report = {
+        "summary": summary,
+        "simulation": simulation,
+        "config": info.config.model_dump(mode="json"),
+        "run": info.model_dump(mode="json", exclude={"config"}),
+        "rounds": [r.model_dump(mode="json") for r in rounds],
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if prompt is not None:
+        (out_dir / "prompt.json").write_text(prompt.model_dump_json(indent=2))
+    plot_curves(rounds, out_dir / "curves.png", zero_shot_accuracy)
+    return summary

@@ -1,0 +1,180 @@
+"""The FastAPI app of the inference service: ``create_app(settings, backend=None)``.
+
+With a backend given (tests, benchmarks) the app serves it at once; without one it loads
+``settings.model`` on the model thread at startup, and ``/readyz`` says 503 until it is loaded.
+``uvicorn --factory inference_service.app:app_from_env`` builds one from ``FEDBPT_*``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from inference_service.backends.base import Backend
+from inference_service.errors import ServiceError, Unavailable
+from inference_service.metrics import CONTENT_TYPE, ServiceMetrics
+from inference_service.middleware import GuardMiddleware
+from inference_service.scheduler import Scheduler
+from inference_service.scoring import Scorer
+from inference_service.settings import ServiceSettings
+from protos.scoring import ModelInfo, ScoreRequest, ScoreResponse, TokenizeRequest, TokenizeResponse
+
+log = logging.getLogger(__name__)
+
+
+class ServiceState:
+    """The app's moving parts: settings, metrics, the model worker and (once loaded) the scorer."""
+
+    def __init__(self, settings: ServiceSettings, backend: Backend | None) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.scheduler = Scheduler(settings.max_queue, self.metrics)
+        self.backend = backend
+        self.scorer: Scorer | None = None
+        self.load_error: str | None = None
+        self._loading: asyncio.Task[None] | None = None
+
+    def _build_scorer(self) -> Scorer:
+        if self.backend is None:
+            from inference_service.backends import load_backend
+
+            self.backend = load_backend(self.settings)
+        return Scorer(self.backend, self.settings, on_forward=self.metrics.observe_forward)
+
+    async def _load(self) -> None:
+        try:
+            self.scorer = await self.scheduler.submit(self._build_scorer)
+            log.info("model ready: %s", self.scorer.model_info().model_dump_json())
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("the model failed to load")
+
+    def ensure_started(self) -> None:
+        """Start the worker and the model load (idempotent; also works without the lifespan)."""
+        self.scheduler.start()
+        if (
+            self.scorer is None
+            and self.load_error is None
+            and (self._loading is None or self._loading.done())
+        ):
+            self._loading = asyncio.get_running_loop().create_task(self._load())
+
+    async def wait_loaded(self) -> None:
+        if self._loading is not None:
+            await asyncio.shield(self._loading)
+
+    def ready_scorer(self) -> Scorer:
+        self.ensure_started()
+        if self.scorer is not None:
+            return self.scorer
+        if self.load_error is not None:
+            raise Unavailable(f"the model failed to load: {self.load_error}")
+        raise Unavailable("the model is still loading; retry shortly")
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+
+
+def _validation_detail(errors: Any) -> list[dict[str, Any]]:
+    """pydantic's errors without ``input`` (which may echo megabytes of base64) or ``ctx`` objects."""
+    return [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
+        for e in errors
+    ]
+
+
+def create_app(settings: ServiceSettings | None = None, backend: Backend | None = None) -> FastAPI:
+    settings = settings or ServiceSettings()
+    state = ServiceState(settings, backend)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.ensure_started()
+        if backend is not None:
+            await state.wait_loaded()  # a given backend is ready within the startup
+        yield
+        await state.stop()
+
+    app = FastAPI(
+        title="fedbpt inference service",
+        description="Scores soft prompts (BBT/FedBPT) on a model it never shows.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    app.add_middleware(
+        GuardMiddleware, api_key=key, max_body_bytes=settings.max_body_bytes, metrics=state.metrics
+    )
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_detail(exc.errors())}, status_code=422)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        state.ensure_started()
+        if state.scorer is not None and state.scheduler.healthy():
+            info = state.scorer.info
+            return JSONResponse({"status": "ready", "model_id": info.model_id, "head": info.head})
+        if state.load_error is not None:
+            detail = f"the model failed to load: {state.load_error}"
+        elif state.scorer is None:
+            detail = "the model is loading"
+        else:
+            detail = "the model worker is not running"
+        return JSONResponse({"detail": detail}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/model", response_model=ModelInfo)
+    async def model_info() -> ModelInfo:
+        return state.ready_scorer().model_info()
+
+    @app.post("/v1/tokenize", response_model=TokenizeResponse)
+    async def tokenize(request: TokenizeRequest) -> Response:
+        scorer = state.ready_scorer()
+        ids = await run_in_threadpool(scorer.tokenize, request.texts)
+        return Response(TokenizeResponse(input_ids=ids).model_dump_json(), media_type="application/json")
+
+    @app.post("/v1/score", response_model=ScoreResponse)
+    async def score(request: ScoreRequest) -> Response:
+        scorer = state.ready_scorer()
+        try:
+            result = await state.scheduler.submit(lambda: scorer.score(request))
+        except torch.OutOfMemoryError as exc:
+            raise Unavailable(
+                f"out of memory scoring {request.num_prompts * request.num_inputs} rows; "
+                "retry with fewer rows (or lower FEDBPT_MAX_BATCH_TOKENS)"
+            ) from exc
+        state.metrics.rows_scored.inc(result.rows)
+        state.metrics.score_requests.inc()
+        # Built here, not re-validated by FastAPI: the logits array is encoded once.
+        return Response(result.model_dump_json(), media_type="application/json")
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """``uvicorn --factory inference_service.app:app_from_env``: settings from FEDBPT_* only."""
+    return create_app(ServiceSettings())

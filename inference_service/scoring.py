@@ -1,0 +1,220 @@
+"""Backend-neutral scoring: one ``ScoreRequest`` (P candidates x B inputs) -> logits [P, B, C].
+
+``prepare`` checks the request against the model (every refusal a BadRequest saying what was
+wrong), compiles the task, builds the B sequences once, computes the P prompts (A.z for the whole
+population in one matmul, or the given prompt_embeds) and plans the forward passes (length
+buckets, token budget). ``run`` feeds the chunks to the backend and puts the logits back in
+[P, B, C] order. The scheduler calls both in its worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from inference_service.backends.base import Backend, PromptMode, RowBatch
+from inference_service.errors import BadRequest
+from inference_service.projection import ProjectionCache, prompt_offsets
+from inference_service.rows import Sequences, assemble, perturb_template, plan_chunks
+from inference_service.settings import ServiceSettings
+from inference_service.tasks import CompiledTask, TaskCache
+from protos.arrays import Array
+from protos.scoring import ModelInfo, ScoreRequest, ScoreResponse, ScoreStats
+
+CPU_BATCH_TOKENS = 16_384
+GPU_BATCH_TOKENS = 131_072
+
+
+@dataclass
+class PreparedScore:
+    """A checked request, ready for the model: sequences, prompts and the plan of forward passes."""
+
+    task: CompiledTask
+    seqs: Sequences
+    prompts: torch.Tensor | None  # [P, L, hidden] float32 on the model's device
+    prompt_mode: PromptMode
+    num_prompts: int
+    num_inputs: int
+    chunks: list[list[int]]
+    prepare_seconds: float
+
+    @property
+    def rows(self) -> int:
+        return self.num_prompts * self.num_inputs
+
+
+class Scorer:
+    """Scores requests with one backend; holds the task and projection caches."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        settings: ServiceSettings,
+        on_forward: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.info = backend.description
+        default_budget = CPU_BATCH_TOKENS if backend.device.type == "cpu" else GPU_BATCH_TOKENS
+        self.max_batch_tokens = settings.max_batch_tokens or backend.preferred_batch_tokens or default_budget
+        self.bucketing = settings.length_bucketing
+        self.max_rows = settings.max_rows
+        self.tasks = TaskCache(backend.codec, self.info.head, self.info.max_length)
+        self.projections = ProjectionCache(
+            self.info.hidden_size, backend.embedding_std(), backend.device, settings.projection_cache_size
+        )
+        # Called after every forward pass with (rows, padded tokens): metrics.
+        self.on_forward = on_forward
+
+    # ----- what the service tells -----
+    def model_info(self) -> ModelInfo:
+        codec = self.backend.codec
+        return ModelInfo(
+            model_id=self.info.model_id,
+            head=self.info.head,
+            hidden_size=self.info.hidden_size,
+            vocab_size=self.info.vocab_size,
+            max_length=self.info.max_length,
+            mask_token_id=codec.mask_token_id,
+            special_token_ids=codec.special_ids,
+            backend=self.info.backend,
+            dtype=self.info.dtype,
+            max_rows=self.max_rows,
+        )
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.backend.codec.encode_inputs(texts)
+
+    # ----- scoring -----
+    def score(self, request: ScoreRequest) -> ScoreResponse:
+        return self.run(self.prepare(request))
+
+    def prepare(self, request: ScoreRequest) -> PreparedScore:
+        start = time.perf_counter()
+        num_prompts, num_inputs = request.num_prompts, request.num_inputs
+        if num_prompts * num_inputs > self.max_rows:
+            raise BadRequest(
+                f"P x B = {num_prompts} x {num_inputs} = {num_prompts * num_inputs} rows; this service "
+                f"scores at most {self.max_rows} rows per call (split the inputs)"
+            )
+        task = self.tasks.get(request.task)
+        if request.input_ids is not None:
+            inputs = request.input_ids
+            self._check_vocab(inputs)
+        else:
+            inputs = self.tokenize(request.texts or [])
+
+        # Sequences first: a prompt too long for the model is refused before any A is drawn.
+        seqs = assemble(task, inputs, self.backend.codec, self._prompt_length(request), self.info.max_length)
+        with torch.inference_mode():
+            prompts, mode = self._prompts(request)
+        if request.perturb_template is not None:
+            perturb_template(seqs, request.perturb_template, self.info.vocab_size)
+        chunks = plan_chunks(seqs.lengths, num_prompts, self.max_batch_tokens, self.bucketing)
+        return PreparedScore(
+            task, seqs, prompts, mode, num_prompts, num_inputs, chunks, time.perf_counter() - start
+        )
+
+    def _check_vocab(self, inputs: list[list[int]]) -> None:
+        vocab = self.info.vocab_size
+        for b, ids in enumerate(inputs):
+            if min(ids) < 0 or max(ids) >= vocab:
+                i, v = next((i, v) for i, v in enumerate(ids) if v < 0 or v >= vocab)
+                raise BadRequest(f"input_ids[{b}][{i}] = {v} is outside the vocabulary [0, {vocab})")
+
+    def _prompt_length(self, request: ScoreRequest) -> int:
+        if request.projection is not None:
+            return request.projection.prompt_length
+        if request.prompt_embeds is not None:
+            return request.prompt_embeds.shape[1]
+        return 0
+
+    def _prompts(self, request: ScoreRequest) -> tuple[torch.Tensor | None, PromptMode]:
+        hidden = self.info.hidden_size
+        if request.z is not None and request.projection is not None:
+            spec = request.projection
+            nbytes = spec.intrinsic_dim * spec.prompt_length * hidden * 4
+            if nbytes > self.settings.max_projection_bytes:
+                raise BadRequest(
+                    f"the projection A would be intrinsic_dim x prompt_length x hidden = {spec.intrinsic_dim} x "
+                    f"{spec.prompt_length} x {hidden} float32 = {nbytes} bytes; this service allows "
+                    f"{self.settings.max_projection_bytes}"
+                )
+            a = self.projections.get(spec)
+            z = torch.from_numpy(np.array(request.z.numpy(), dtype=np.float32))
+            return prompt_offsets(z, a, spec.prompt_length, hidden), "add"
+        if request.prompt_embeds is not None:
+            shape = request.prompt_embeds.shape
+            if shape[2] != hidden:
+                raise BadRequest(
+                    f"prompt_embeds has hidden size {shape[2]}; this model's hidden size is {hidden} "
+                    f"(shape must be [P, L, {hidden}])"
+                )
+            embeds = np.array(request.prompt_embeds.numpy(), dtype=np.float32)
+            return torch.from_numpy(embeds).to(self.backend.device), "replace"
+        return None, "add"
+
+    def run(self, prepared: PreparedScore) -> ScoreResponse:
+        start = time.perf_counter()
+        seqs, task = prepared.seqs, prepared.task
+        num_inputs = prepared.num_inputs
+        out = torch.empty(prepared.rows, task.num_labels, dtype=torch.float32)
+        padded = 0
+        with torch.inference_mode():
+            for chunk in prepared.chunks:
+                batch = RowBatch(
+                    token_ids=[seqs.token_ids[r % num_inputs] for r in chunk],
+                    prompt_start=seqs.prompt_start,
+                    prompt_length=seqs.prompt_length,
+                    prompt_index=[r // num_inputs for r in chunk],
+                    prompts=prepared.prompts,
+                    prompt_mode=prepared.prompt_mode,
+                    score_index=[seqs.score_index[r % num_inputs] for r in chunk],
+                    label_ids=list(task.label_ids) if task.label_ids is not None else None,
+                )
+                out[torch.as_tensor(chunk)] = self._logits(batch, task)
+                chunk_padded = len(batch) * batch.longest
+                padded += chunk_padded
+                if self.on_forward is not None:
+                    self.on_forward(len(batch), chunk_padded)
+        logits = out.view(prepared.num_prompts, num_inputs, task.num_labels).numpy()
+        lengths = seqs.lengths
+        stats = ScoreStats(
+            forward_passes=len(prepared.chunks),
+            real_tokens=sum(lengths) * prepared.num_prompts,
+            padded_tokens=padded,
+            seconds=prepared.prepare_seconds + time.perf_counter() - start,
+        )
+        return ScoreResponse(logits=Array.from_numpy(logits, "float32"), rows=prepared.rows, stats=stats)
+
+    def _logits(self, batch: RowBatch, task: CompiledTask) -> torch.Tensor:
+        if task.head != "embedding":
+            return self.backend.label_logits(batch)
+        anchors = self._anchors(task)
+        pooled = torch.nn.functional.normalize(self.backend.sentence_embeddings(batch), dim=-1)
+        cos = pooled @ anchors.to(pooled.device).T
+        return (self.settings.embedding_logit_scale * cos).float().cpu()
+
+    def _anchors(self, task: CompiledTask) -> torch.Tensor:
+        """The label anchors' embeddings (no prompt), normalised, computed once per task."""
+        cached = task.cache.get("anchors")
+        if cached is None:
+            assert task.anchor_ids is not None
+            rows = [list(r) for r in task.anchor_ids]
+            batch = RowBatch(
+                token_ids=rows,
+                prompt_start=len(self.backend.codec.prefix_special),
+                prompt_length=0,
+                prompt_index=[0] * len(rows),
+                prompts=None,
+                prompt_mode="add",
+                score_index=[0] * len(rows),
+                label_ids=None,
+            )
+            cached = torch.nn.functional.normalize(self.backend.sentence_embeddings(batch), dim=-1)
+            task.cache["anchors"] = cached
+        return cached

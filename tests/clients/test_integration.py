@@ -1,0 +1,190 @@
+"""End to end with the real services as processes: ``fedbpt serve-model`` (tiny random BERT),
+``fedbpt serve-coordinator`` (SQLite file), and two ``fedbpt client`` processes for two rounds;
+then ``fedbpt evaluate`` on the run's prompt URL.
+
+Runs once the coordinator is in the tree (``coordinator.cli``); it speaks only the wire contract
+of ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port, running
+from protos import PromptResponse, RunConfig
+from tests.clients.conftest import SST2_SAMPLE, write_jsonl
+
+pytest.importorskip(
+    "coordinator.cli", reason="the coordinator (fedbpt serve-coordinator) is not in the tree yet"
+)
+
+ADMIN = "integration-admin-token"
+HEADERS = {"Authorization": f"Bearer {ADMIN}"}
+
+
+@pytest.fixture(scope="module")
+def coordinator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("coordinator")
+    port = free_port()
+    argv = fedbpt_command(
+        "serve-coordinator", "--db", str(root / "runs.sqlite"), "--host", "127.0.0.1", "--port", str(port)
+    )
+    proc = ManagedProcess(
+        "serve-coordinator", argv, root / "coordinator.log", env={"FEDBPT_ADMIN_TOKEN": ADMIN}
+    )
+    url = f"http://127.0.0.1:{port}"
+    with running(proc, ready_url=f"{url}/healthz", timeout=120):
+        yield url
+
+
+def _rounds(body: Any) -> list[dict[str, Any]]:
+    return body["rounds"] if isinstance(body, dict) and "rounds" in body else body
+
+
+def test_two_clients_two_rounds_then_evaluate(model_url: str, coordinator_url: str, tmp_path: Path) -> None:
+    config = RunConfig(
+        name="client-integration",
+        rounds=2,
+        min_clients=2,
+        round_timeout_s=300,
+        task="sst2",
+        projection={"seed": 11, "intrinsic_dim": 16, "prompt_length": 4},  # type: ignore[arg-type]
+        local_popsize=4,
+        local_iters=2,
+        max_input_tokens=32,
+        eval_every=1,
+    )
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        created = admin.post("/v1/runs", json=config.model_dump(mode="json"))
+        assert created.status_code == 201, created.text
+        run_id = created.json()["run_id"]
+        tokens = []
+        for k in range(2):
+            enrolled = admin.post(f"/v1/runs/{run_id}/clients", json={"name": f"site-{k}"})
+            assert enrolled.status_code in (200, 201), enrolled.text
+            tokens.append(enrolled.json()["token"])
+        started = admin.post(f"/v1/runs/{run_id}/start")
+        assert started.status_code in (200, 202, 204), started.text
+        mean_before = np.zeros(16)
+
+    test_file = write_jsonl(tmp_path / "test.jsonl", SST2_SAMPLE)
+    clients = []
+    for k, token in enumerate(tokens):
+        data = write_jsonl(tmp_path / f"client_{k}.jsonl", SST2_SAMPLE[k::2])
+        args = [
+            "client", "--coordinator", coordinator_url, "--token", token, "--model-endpoint", model_url,
+            "--data", str(data), "--test-data", str(test_file), "--poll-wait", "2", "--retry-total", "60",
+        ]  # fmt: skip
+        if k == 1:
+            args += ["--run-id", run_id]  # site-0 finds its run through GET /v1/whoami
+        clients.append(
+            ManagedProcess(f"client-{k}", fedbpt_command(*args), tmp_path / f"client-{k}.log").start()
+        )
+    try:
+        for proc in clients:
+            assert proc.wait(timeout=600) == 0, proc.log_tail()
+    finally:
+        for proc in clients:
+            proc.stop()
+    for proc in clients:
+        log = proc.log_tail(20_000)
+        assert "final test accuracy" in log and "trained 2 round(s)" in log, log
+
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        info = admin.get(f"/v1/runs/{run_id}").json()
+        assert info["state"] == "finished", info
+        rounds = _rounds(admin.get(f"/v1/runs/{run_id}/rounds").json())
+        assert [r["round"] for r in rounds] == [0, 1]
+        for record in rounds:
+            names = sorted(p["name"] for p in record["participants"])
+            assert names == ["site-0", "site-1"], record  # each client's update arrived once
+            for p in record["participants"]:
+                assert p["n_samples"] == 6
+                assert p["metrics"]["service_calls"] >= 2 * 2 + 2
+                assert p["metrics"]["service_bytes_sent"] > 0
+        assert rounds[-1].get("final_test_accuracy") is not None
+        prompt = PromptResponse.model_validate_json(admin.get(f"/v1/runs/{run_id}/prompt").content)
+        assert prompt.round == 2
+        assert not np.allclose(prompt.z.numpy(), mean_before)  # the global mean moved
+
+    argv = fedbpt_command(
+        "evaluate", "--model-endpoint", model_url, "--data", str(test_file),
+        "--run-prompt", f"{coordinator_url}/v1/runs/{run_id}/prompt", "--token", ADMIN,
+    )  # fmt: skip
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "prompt of round 2" in done.stdout
+    assert re.search(r"accuracy: [01]\.\d{4} \(\d+/12\)", done.stdout)
+
+
+def _wait_for_log(proc: ManagedProcess, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in proc.log_tail(50_000):
+            return
+        assert proc.alive(), proc.log_tail()
+        time.sleep(0.2)
+    raise TimeoutError(f"{proc.name} never logged {text!r}:\n{proc.log_tail()}")
+
+
+def test_a_client_killed_mid_run_is_restarted_and_the_run_completes(
+    model_url: str, coordinator_url: str, tmp_path: Path
+) -> None:
+    config = RunConfig(
+        name="client-restart",
+        rounds=2,
+        min_clients=2,
+        round_timeout_s=300,
+        projection={"seed": 12, "intrinsic_dim": 16, "prompt_length": 4},  # type: ignore[arg-type]
+        local_popsize=4,
+        local_iters=2,
+        max_input_tokens=32,
+        eval_every=0,
+    )
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        run_id = admin.post("/v1/runs", json=config.model_dump(mode="json")).json()["run_id"]
+        tokens = [
+            admin.post(f"/v1/runs/{run_id}/clients", json={"name": f"site-{k}"}).json()["token"]
+            for k in range(2)
+        ]
+        assert admin.post(f"/v1/runs/{run_id}/start").status_code in (200, 202, 204)
+
+    def start(k: int, attempt: int) -> ManagedProcess:
+        data = write_jsonl(tmp_path / f"client_{k}.jsonl", SST2_SAMPLE[k::2])
+        argv = fedbpt_command(
+            "client", "--coordinator", coordinator_url, "--token", tokens[k], "--model-endpoint", model_url,
+            "--data", str(data), "--poll-wait", "2", "--retry-total", "60",
+        )  # fmt: skip
+        return ManagedProcess(f"client-{k}-{attempt}", argv, tmp_path / f"client-{k}-{attempt}.log").start()
+
+    # Site 0 trains round 0 alone (the round waits for site 1), then dies without a goodbye.
+    first = start(0, 1)
+    _wait_for_log(first, "round 0: update accepted")
+    first.kill()
+    # A new site-0 process and site 1: the round closes with each update once, the run finishes.
+    procs = [start(0, 2), start(1, 1)]
+    try:
+        for proc in procs:
+            assert proc.wait(timeout=600) == 0, proc.log_tail()
+    finally:
+        for proc in procs:
+            proc.stop()
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        assert admin.get(f"/v1/runs/{run_id}").json()["state"] == "finished"
+        rounds = _rounds(admin.get(f"/v1/runs/{run_id}/rounds").json())
+    assert [sorted(p["name"] for p in r["participants"]) for r in rounds] == [["site-0", "site-1"]] * 2
+    assert "trained 1 round(s)" in procs[0].log_tail()  # the restarted site-0 trained round 1 only

@@ -1,0 +1,202 @@
+"""The client's scoring, local training and evaluation against the real inference service
+(``fedbpt serve-model`` on a tiny random BERT, max_rows 64)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fed_clients.data import load_labeled_texts
+from fed_clients.evaluate import evaluate_prompt
+from fed_clients.inputs import EncodedSplit, encode_split, input_budget
+from fed_clients.losses import cross_entropy, fitness
+from fed_clients.model_api import ModelService
+from fed_clients.perturb import Perturber
+from fed_clients.presets import ResolvedTask, resolve_task
+from fed_clients.training import make_score_fn, train_locally
+from fed_clients.transport import JsonService, RetryPolicy
+from fedbpt_cli.procs import fedbpt_command
+from protos import Array, GlobalState, ProjectionSpec, PromptResponse
+from tests.clients.conftest import SST2_SAMPLE, write_jsonl
+
+PROJECTION = ProjectionSpec(seed=7, intrinsic_dim=16, prompt_length=4)
+
+
+@pytest.fixture(scope="module")
+def model(model_url: str) -> Iterator[ModelService]:
+    http = JsonService(
+        "model service", model_url, timeout_s=120, retry=RetryPolicy(total_s=30, initial_s=0.1)
+    )
+    yield ModelService(http)
+    http.close()
+
+
+@pytest.fixture(scope="module")
+def task(model: ModelService) -> ResolvedTask:
+    return resolve_task("sst2", model.info().head)
+
+
+@pytest.fixture(scope="module")
+def split(model: ModelService, task: ResolvedTask, tmp_path_factory: pytest.TempPathFactory) -> EncodedSplit:
+    path = write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", SST2_SAMPLE)
+    budget = input_budget(model, task, PROJECTION.prompt_length, 32)
+    return encode_split(model, load_labeled_texts(path), task, budget)
+
+
+def _state(d: int = 16, sigma: float = 1.0) -> GlobalState:
+    return GlobalState(mean=Array.from_numpy(np.zeros(d)), sigma=sigma, cov=Array.from_numpy(np.ones(d)))
+
+
+def test_splits_calls_to_respect_max_rows(
+    model: ModelService, task: ResolvedTask, split: EncodedSplit
+) -> None:
+    assert model.info().max_rows == 64
+    z = np.random.default_rng(0).normal(size=(5, 16))
+    ids = split.input_ids * 3  # 36 inputs x 5 prompts = 180 rows: three calls of at most 12 inputs
+    before = model.traffic.copy()
+    logits = model.score(task.spec, ids, z=z, projection=PROJECTION)
+    used = model.traffic.since(before)
+    assert logits.shape == (5, 36, 2)
+    assert used.calls == 3 and used.rows == 180
+    assert used.bytes_sent > 0 and used.bytes_received > 180 * 2 * 4  # float32 logits, base64
+    # The same inputs in one call (fits: 5 x 12 = 60 rows) give the same logits.
+    one = model.score(task.spec, split.input_ids, z=z, projection=PROJECTION)
+    assert np.allclose(logits[:, :12], one, atol=1e-5)
+    assert np.allclose(logits[:, 24:], one, atol=1e-5)
+
+
+def test_local_round_makes_one_call_per_generation_and_scoring(
+    model: ModelService, task: ResolvedTask, split: EncodedSplit
+) -> None:
+    info = model.info()
+    perturbed = Perturber(info.vocab_size, tuple(info.special_token_ids), 0.5).copy(
+        split.input_ids, 1234, 0, "c1"
+    )
+    score = make_score_fn(model, task.spec, PROJECTION)
+    before = model.traffic.copy()
+    result = train_locally(score, _state(), split.input_ids, split.labels, 5, 3, 1234, perturbed=perturbed)
+    calls = model.traffic.since(before).calls
+    assert calls == 3 * 2 + 2  # clean + perturbed per generation, then the final mean twice
+    assert len(result.sigmas) == 3 and result.sigmas[0] == 1.0
+    assert result.mu == 2
+    assert np.abs(result.mean).max() > 0  # the mean moved
+    # The uploaded fitness is mean CE(clean) / mean CE(perturbed) of the final mean, labels local.
+    clean = cross_entropy(score(result.mean[None], split.input_ids, None), split.labels)
+    pert = cross_entropy(score(result.mean[None], perturbed.input_ids, None), split.labels)
+    assert result.fitness == pytest.approx(float(fitness(clean, pert)[0]), rel=1e-9)
+    assert result.train_loss == pytest.approx(float(clean[0]), rel=1e-9)
+    # Same seed, same state: the same round again (the service is deterministic).
+    again = train_locally(score, _state(), split.input_ids, split.labels, 5, 3, 1234, perturbed=perturbed)
+    assert np.array_equal(again.mean, result.mean)
+
+
+def test_without_perturbation_one_call_per_generation(
+    model: ModelService, task: ResolvedTask, split: EncodedSplit
+) -> None:
+    before = model.traffic.copy()
+    result = train_locally(
+        make_score_fn(model, task.spec, PROJECTION), _state(), split.input_ids, split.labels, 4, 2, 5
+    )
+    assert model.traffic.since(before).calls == 2 + 1
+    assert result.fitness == pytest.approx(result.train_loss)
+
+
+def test_scope_all_reaches_the_service(model: ModelService, task: ResolvedTask, split: EncodedSplit) -> None:
+    info = model.info()
+    z = np.random.default_rng(1).normal(size=(1, 16))
+    base = Perturber(info.vocab_size, tuple(info.special_token_ids), 0.0, scope="all")
+    copy = base.copy(split.input_ids, 1, 0, "c")  # rate 0 for the inputs ...
+    assert copy.template is not None and copy.input_ids == split.input_ids
+    hard = Perturber(info.vocab_size, tuple(info.special_token_ids), 1.0, scope="all").copy(
+        split.input_ids, 1, 0, "c"
+    )
+    assert hard.template is not None
+    clean = model.score(task.spec, split.input_ids, z=z, projection=PROJECTION)
+    # ... and rate 1 on the service's side: template, specials and mask replaced, logits change.
+    templated = model.score(
+        task.spec, split.input_ids, z=z, projection=PROJECTION, perturb_template=hard.template
+    )
+    assert not np.allclose(clean, templated)
+
+
+def test_evaluation_matches_a_direct_score_and_reports_progress(
+    model: ModelService, task: ResolvedTask, split: EncodedSplit
+) -> None:
+    z = np.random.default_rng(2).normal(size=16)
+    seen: list[int] = []
+    chunked = evaluate_prompt(
+        model, task.spec, split, z=z, projection=PROJECTION, batch_size=5, progress=seen.append
+    )
+    whole = evaluate_prompt(model, task.spec, split, z=z, projection=PROJECTION)
+    logits = model.score(task.spec, split.input_ids, z=z[None], projection=PROJECTION)
+    expected = float((logits[0].argmax(1) == split.labels).mean())
+    assert chunked.accuracy == whole.accuracy == expected
+    assert seen == [5, 10, 12]
+    assert chunked.confusion.sum() == 12 and chunked.correct == round(expected * 12)
+    zero = evaluate_prompt(model, task.spec, split)  # no prompt rows at all
+    assert zero.n == 12 and 0 <= zero.accuracy <= 1
+    assert zero.loss != pytest.approx(whole.loss)
+
+
+def test_input_budget_keeps_rows_within_max_length(
+    model: ModelService, task: ResolvedTask, tmp_path: Path
+) -> None:
+    long_text = " ".join(["great film"] * 600)
+    path = write_jsonl(tmp_path / "long.jsonl", [(long_text, 1), ("bad", 0)])
+    budget = input_budget(model, task, 50, 10_000)  # max_input_tokens far above the model's room
+    assert budget < model.info().max_length - 50
+    encoded = encode_split(model, load_labeled_texts(path), task, budget)
+    assert encoded.truncated == 1 and len(encoded.input_ids[0]) == budget
+    # The service accepts the longest row this gives (it refuses rows over max_length with a 400).
+    z = np.zeros((1, 16))
+    logits = model.score(
+        task.spec, encoded.input_ids, z=z, projection=PROJECTION.model_copy(update={"prompt_length": 50})
+    )
+    assert logits.shape == (1, 2, 2)
+
+
+def _evaluate_cli(model_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        fedbpt_command("evaluate", "--model-endpoint", model_url, *args),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_evaluate_command_zero_shot_and_with_a_prompt_file(
+    model_url: str, tmp_path: Path, shared_data: Path
+) -> None:
+    data = shared_data / "sst2" / "test.jsonl"
+    zero = _evaluate_cli(model_url, "--data", str(data), "--limit", "60", "--batch-size", "32")
+    assert zero.returncode == 0, zero.stderr
+    assert "zero-shot" in zero.stdout and "negative" in zero.stdout
+    assert re.search(r"accuracy: 0\.\d{4} \(\d+/60\)", zero.stdout)
+
+    prompt = PromptResponse(
+        z=Array.from_numpy(np.random.default_rng(3).normal(size=16).astype(np.float32)),
+        projection=PROJECTION,
+        round=7,
+        task="sst2",
+    )
+    prompt_file = tmp_path / "prompt.json"
+    prompt_file.write_text(prompt.model_dump_json())
+    tuned = _evaluate_cli(model_url, "--data", str(data), "--limit", "60", "--run-prompt", str(prompt_file))
+    assert tuned.returncode == 0, tuned.stderr
+    assert "prompt of round 7" in tuned.stdout
+    assert re.search(r"accuracy: 0\.\d{4} \(\d+/60\)", tuned.stdout)
+
+
+def test_evaluate_command_errors(model_url: str, tmp_path: Path, sst2_file: Path) -> None:
+    bad = tmp_path / "prompt.json"
+    bad.write_text(json.dumps({"z": [1, 2]}))
+    done = _evaluate_cli(model_url, "--data", str(sst2_file), "--run-prompt", str(bad))
+    assert done.returncode == 2 and "not a PromptResponse" in done.stderr
+    done = _evaluate_cli(model_url, "--data", str(sst2_file), "--task", "nope")
+    assert done.returncode == 2 and "unknown task preset 'nope'" in done.stderr

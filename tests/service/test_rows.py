@@ -1,0 +1,161 @@
+"""Backend-neutral parts: task compilation, row layout per head, chunk planning, perturbation."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference_service.errors import BadRequest
+from inference_service.rows import assemble, perturb_template, plan_chunks
+from inference_service.tasks import compile_task
+from inference_service.text import TextCodec
+from protos import TaskSpec, TemplatePerturbation
+from tests.service.conftest import Zoo
+
+
+def _codec(zoo: Zoo, name: str) -> TextCodec:
+    return zoo.backend(name).codec
+
+
+def test_bert_rows_equal_the_tokenizers_own_reading(zoo: Zoo) -> None:
+    codec = _codec(zoo, "bert")
+    tok = codec.tokenizer
+    task = compile_task(
+        TaskSpec(template="{input} . It was {mask} .", labels=["bad", "great"]), "mlm", codec, 512
+    )
+    text = "a great movie"
+    seqs = assemble(task, codec.encode_inputs([text]), codec, 4, 512)
+    whole = tok(f"{text} . It was [MASK] .")["input_ids"]  # [CLS] ... [MASK] . [SEP]
+    placeholders = codec.placeholder_ids(4)
+    assert placeholders == [1000, 1001, 1002, 1003]
+    assert seqs.token_ids[0] == [whole[0], *placeholders, *whole[1:]]
+    assert seqs.prompt_start == 1
+    assert seqs.token_ids[0][seqs.score_index[0]] == tok.mask_token_id
+    start, end = seqs.input_spans[0]
+    assert seqs.token_ids[0][start:end] == tok(text, add_special_tokens=False)["input_ids"]
+    assert task.label_ids == (tok.convert_tokens_to_ids("bad"), tok.convert_tokens_to_ids("great"))
+
+
+def test_roberta_pieces_and_labels_follow_bbt(zoo: Zoo) -> None:
+    codec = _codec(zoo, "roberta")
+    tok = codec.tokenizer
+    task = compile_task(
+        TaskSpec(template="{input} . It was {mask} .", labels=["bad", "great"]), "mlm", codec, 512
+    )
+    seqs = assemble(task, codec.encode_inputs(["a great movie"]), codec, 3, 512)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    expected = [tok.bos_token_id, *codec.placeholder_ids(3), *enc(" a great movie . It was")]
+    expected += [tok.mask_token_id, *enc(" ."), tok.eos_token_id]
+    assert seqs.token_ids[0] == expected
+    # Label words: the first token without a leading space (BBT's verbaliser), not "Ġbad".
+    assert task.label_ids == (enc("bad")[0], enc("great")[0])
+    assert tok.convert_ids_to_tokens(list(task.label_ids))[0] == "bad"
+
+
+def test_causal_rows_end_at_the_answer_and_labels_follow_a_space(zoo: Zoo) -> None:
+    codec = _codec(zoo, "llama")
+    tok = codec.tokenizer
+    spec = TaskSpec(template="Review: {input} . The sentiment is {mask}", labels=["negative", "positive"])
+    task = compile_task(spec, "causal", codec, 512)
+    seqs = assemble(task, codec.encode_inputs(["a great movie"]), codec, 2, 512)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert seqs.token_ids[0] == [
+        tok.bos_token_id,
+        *codec.placeholder_ids(2),
+        *enc(" Review: a great movie . The sentiment is"),
+    ]
+    assert seqs.score_index[0] == len(seqs.token_ids[0]) - 1
+    assert task.label_ids == (enc(" negative")[0], enc(" positive")[0])
+
+
+def test_embedding_rows_and_anchors(zoo: Zoo) -> None:
+    codec = _codec(zoo, "st-bert")
+    tok = codec.tokenizer
+    task = compile_task(
+        TaskSpec(template="{input}", labels=["this is bad", "this is great"]), "embedding", codec, 256
+    )
+    seqs = assemble(task, codec.encode_inputs(["a great movie"]), codec, 2, 256)
+    whole = tok("a great movie")["input_ids"]
+    assert seqs.token_ids[0] == [whole[0], *codec.placeholder_ids(2), *whole[1:]]
+    assert task.anchor_ids == (
+        tuple(tok("this is bad")["input_ids"]),
+        tuple(tok("this is great")["input_ids"]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("head", "template", "labels", "message"),
+    [
+        ("mlm", "{input} . It was good .", ["bad", "great"], "has none"),
+        ("causal", "{input} . It was {mask} .", ["bad", "great"], "must end the template"),
+        ("embedding", "{input} {mask}", ["bad", "great"], "remove {mask}"),
+        ("causal", "{input} . It was", ["bad", "   ."], None),
+    ],
+)
+def test_template_rules_per_head(
+    zoo: Zoo, head: str, template: str, labels: list[str], message: str | None
+) -> None:
+    codec = _codec(zoo, "bert")
+    spec = TaskSpec(template=template, labels=labels)
+    if message is None:
+        compile_task(spec, head, codec, 512)  # type: ignore[arg-type]
+        return
+    with pytest.raises(BadRequest, match=message.replace("{", r"\{").replace("}", r"\}")):
+        compile_task(spec, head, codec, 512)  # type: ignore[arg-type]
+
+
+def test_labels_that_vanish_or_collide_are_refused(zoo: Zoo) -> None:
+    codec = _codec(zoo, "bert")
+    with pytest.raises(BadRequest, match="tokenises to no tokens"):
+        # A control character is dropped by BERT's normaliser: nothing is left.
+        compile_task(TaskSpec(template="{input} {mask}", labels=["bad", "\u0007"]), "mlm", codec, 512)
+    with pytest.raises(BadRequest, match="both start with token id"):
+        compile_task(TaskSpec(template="{input} {mask}", labels=["great", "greatness"]), "mlm", codec, 512)
+
+
+def test_too_long_says_by_how_much(zoo: Zoo) -> None:
+    codec = _codec(zoo, "bert")
+    task = compile_task(TaskSpec(template="{input} {mask}", labels=["bad", "great"]), "mlm", codec, 512)
+    inputs = [[7] * 10, [7] * 40]
+    seqs = assemble(task, inputs, codec, 5, 48)  # 1 + 5 + 10 + 1 + 1 = 18 tokens: fine
+    assert seqs.lengths[0] == 18
+    with pytest.raises(BadRequest, match=r"input 1, is 48 tokens.*shorten it by 8 tokens"):
+        assemble(task, inputs, codec, 5, 40)
+
+
+def test_plan_chunks_covers_every_row_once_within_budget() -> None:
+    lengths = [5, 30, 7, 30, 12, 3]
+    for bucketing in (True, False):
+        chunks = plan_chunks(lengths, num_prompts=4, max_batch_tokens=64, bucketing=bucketing)
+        flat = sorted(r for c in chunks for r in c)
+        assert flat == list(range(24))
+        for chunk in chunks:
+            longest = max(lengths[r % 6] for r in chunk)
+            assert len(chunk) * longest <= 64 or len(chunk) == 1
+    bucketed = plan_chunks(lengths, 4, 64, True)
+    plain = plan_chunks(lengths, 4, 64, False)
+    padded = lambda cs: sum(len(c) * max(lengths[r % 6] for r in c) for c in cs)  # noqa: E731
+    assert padded(bucketed) < padded(plain)
+    # A row longer than the budget still goes through, alone.
+    assert plan_chunks([100], 2, 50) == [[0], [1]]
+
+
+def test_template_perturbation_is_seeded_per_input_and_spares_the_input(zoo: Zoo) -> None:
+    codec = _codec(zoo, "bert")
+    task = compile_task(
+        TaskSpec(template="{input} . It was {mask} .", labels=["bad", "great"]), "mlm", codec, 512
+    )
+    inputs = codec.encode_inputs(["a great movie", "a bad one"])
+
+    def perturbed(rate: float, seed: int) -> list[list[int]]:
+        seqs = assemble(task, inputs, codec, 8, 512)
+        perturb_template(seqs, TemplatePerturbation(rate=rate, seed=seed), codec.vocab_size)
+        return seqs.token_ids
+
+    clean = assemble(task, inputs, codec, 8, 512)
+    assert perturbed(0.0, 1) == clean.token_ids
+    a, b, c = perturbed(0.6, 1), perturbed(0.6, 1), perturbed(0.6, 2)
+    assert a == b and a != c
+    for seq, ref, (start, end) in zip(a, clean.token_ids, clean.input_spans, strict=True):
+        assert seq[start:end] == ref[start:end]
+        changed = sum(x != y for x, y in zip(seq, ref, strict=True))
+        assert changed >= 3  # ~60% of 13 template/prompt/special positions

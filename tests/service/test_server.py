@@ -1,0 +1,125 @@
+"""The service as a real process: ``fedbpt serve-model`` under uvicorn, a client over loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port, running
+from protos import Array, ScoreRequest
+from tests.service.conftest import TASKS, TEXTS, Zoo
+
+KEY = "process-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    argv = fedbpt_command(
+        "serve-model",
+        "--model",
+        str(zoo.path("llama")),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-batch-tokens",
+        "512",
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+    )
+    log = tmp_path_factory.mktemp("server") / "serve-model.log"
+    proc = ManagedProcess("serve-model", argv, log, env={"FEDBPT_API_KEY": KEY})
+    url = f"http://127.0.0.1:{port}"
+    with running(proc, ready_url=f"{url}/readyz", timeout=120):
+        yield url
+
+
+def _request(p: int, texts: list[str]) -> ScoreRequest:
+    z = (np.random.default_rng(p).normal(size=(p, 16)) * 3).astype(np.float32)
+    return ScoreRequest.model_validate(
+        {
+            "projection": {"seed": 5, "intrinsic_dim": 16, "prompt_length": 8},
+            "z": Array.from_numpy(z).model_dump(),
+            "task": TASKS["llama"].model_dump(),
+            "texts": texts,
+        }
+    )
+
+
+def test_client_over_loopback_gets_the_in_process_logits(server: str, zoo: Zoo) -> None:
+    request = _request(4, TEXTS)
+    with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client:
+        info = client.get("/v1/model").json()
+        assert info["head"] == "causal" and info["model_id"] == str(zoo.path("llama"))
+        r = client.post(
+            "/v1/score", content=request.model_dump_json(), headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 200, r.text
+        remote = Array.model_validate(r.json()["logits"]).numpy()
+        assert client.post("/v1/tokenize", json={"texts": ["a great movie"]}).json()["input_ids"] == [
+            zoo.backend("llama").codec.encode_inputs(["a great movie"])[0]
+        ]
+    local = zoo.scorer("llama", max_batch_tokens=512).score(request).logits.numpy()
+    assert remote.shape == (4, len(TEXTS), 2)
+    assert np.abs(remote - local).max() < 1e-5
+
+
+def test_key_is_enforced_over_http(server: str) -> None:
+    assert httpx.get(f"{server}/v1/model").status_code == 401
+    assert httpx.get(f"{server}/v1/model", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{server}/healthz").status_code == 200
+
+
+def test_healthz_answers_while_a_long_score_runs(server: str) -> None:
+    long_texts = [f"{TEXTS[i % len(TEXTS)]} , number {i} of the long list" for i in range(300)]
+    request = _request(24, long_texts)
+    result: dict[str, int] = {}
+
+    def score() -> None:
+        r = httpx.post(
+            f"{server}/v1/score",
+            content=request.model_dump_json(),
+            headers={**AUTH, "content-type": "application/json"},
+            timeout=300,
+        )
+        result["status"] = r.status_code
+
+    worker = threading.Thread(target=score)
+    worker.start()
+    try:
+        # Wait until the model thread is busy with this job.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if "fedbpt_jobs_running 1.0" in httpx.get(f"{server}/metrics").text:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the score job never started")
+        health = httpx.get(f"{server}/healthz", timeout=30)
+        still_running = worker.is_alive()
+        assert health.status_code == 200
+        # Answered while the score was in progress: the event loop is not blocked by the model.
+        assert still_running
+    finally:
+        worker.join(timeout=300)
+    assert result.get("status") == 200
+
+
+def test_a_model_that_does_not_load_fails_the_command(tmp_path: Path) -> None:
+    argv = fedbpt_command("serve-model", "--model", str(tmp_path / "missing"), "--port", str(free_port()))
+    proc = ManagedProcess("bad-model", argv, tmp_path / "bad.log").start()
+    try:
+        assert proc.wait(timeout=120) != 0
+    finally:
+        proc.stop()
+    assert "cannot load" in proc.log_tail()
