@@ -104,7 +104,9 @@ class ManagedProcess:
             except httpx.HTTPError as exc:
                 last = repr(exc)
             time.sleep(0.2)
-        raise TimeoutError(f"{self.name}: {url} did not answer 200 within {timeout}s ({last}):\n{self.log_tail()}")
+        raise TimeoutError(
+            f"{self.name}: {url} did not answer 200 within {timeout}s ({last}):\n{self.log_tail()}"
+        )
 
     def wait(self, timeout: float | None = None) -> int:
         assert self.proc is not None
@@ -138,7 +140,9 @@ class ManagedProcess:
 
 
 @contextlib.contextmanager
-def running(process: ManagedProcess, ready_url: str | None = None, timeout: float = 120.0) -> Iterator[ManagedProcess]:
+def running(
+    process: ManagedProcess, ready_url: str | None = None, timeout: float = 120.0
+) -> Iterator[ManagedProcess]:
     """Start ``process``, optionally wait for ``ready_url``, and always stop it on exit."""
     process.start()
     try:

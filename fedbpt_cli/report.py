@@ -80,7 +80,11 @@ def plot_curves(rounds: Sequence[RoundRecord], path: Path, zero_shot_accuracy: f
         ax.plot([p[0] for p in curve], [p[1] for p in curve], marker="o", ms=3, label="global prompt")
     if zero_shot_accuracy is not None:
         ax.axhline(zero_shot_accuracy, color="grey", ls="--", label=f"zero-shot {zero_shot_accuracy:.3f}")
-    ax.set(title="test accuracy of the global prompt", xlabel="global state (rounds aggregated)", ylabel="accuracy")
+    ax.set(
+        title="test accuracy of the global prompt",
+        xlabel="global state (rounds aggregated)",
+        ylabel="accuracy",
+    )
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
 
@@ -94,10 +98,24 @@ def plot_curves(rounds: Sequence[RoundRecord], path: Path, zero_shot_accuracy: f
     ax = axes[2]
     sig = [(r.round, r.sigma_before) for r in closed if r.sigma_before is not None]
     if sig:
-        ax.plot([p[0] for p in sig], [p[1] for p in sig], marker="o", ms=3, color="tab:green", label="client sigma")
+        ax.plot(
+            [p[0] for p in sig],
+            [p[1] for p in sig],
+            marker="o",
+            ms=3,
+            color="tab:green",
+            label="client sigma",
+        )
     srv = [(r.round, r.server_sigma) for r in closed if r.server_sigma is not None]
     if srv:
-        ax.plot([p[0] for p in srv], [p[1] for p in srv], marker=".", ms=3, color="tab:olive", label="server sigma'")
+        ax.plot(
+            [p[0] for p in srv],
+            [p[1] for p in srv],
+            marker=".",
+            ms=3,
+            color="tab:olive",
+            label="server sigma'",
+        )
     ax.set(title="step sizes", xlabel="round", ylabel="sigma")
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)

@@ -159,8 +159,12 @@ class RoundRecord(Strict):
     server_sigma: float | None = Field(default=None, description="sigma' used for the server update")
     mean_norm: float | None = Field(default=None, description="|| mean || after the round")
     train_loss: float | None = None
-    test_accuracy: float | None = Field(default=None, description="accuracy of global state r (start of round)")
-    final_test_accuracy: float | None = Field(default=None, description="accuracy of state r+1, last round only")
+    test_accuracy: float | None = Field(
+        default=None, description="accuracy of global state r (start of round)"
+    )
+    final_test_accuracy: float | None = Field(
+        default=None, description="accuracy of state r+1, last round only"
+    )
     bytes_in: int = 0
     bytes_out: int = 0
     opened_at: float | None = None

@@ -23,7 +23,9 @@ class RunConfig(Strict):
     min_clients: int = Field(default=1, ge=1, description="answers needed to close a round at its deadline")
     round_timeout_s: float = Field(default=1800.0, gt=0, le=7 * 24 * 3600)
     max_round_attempts: int = Field(
-        default=5, ge=1, description="a round re-issued this many times without min_clients answers fails the run"
+        default=5,
+        ge=1,
+        description="a round re-issued this many times without min_clients answers fails the run",
     )
     seed: int = Field(default=1234, ge=0, le=2**32 - 1)
 
@@ -50,7 +52,8 @@ class RunConfig(Strict):
     # Server aggregation.
     aggregator: Literal["cmaes", "fedavg"] = "cmaes"
     server_sigma: Literal["reference", "paper"] = Field(
-        default="reference", description="reference: sqrt(sum sigma^2/(M*mu)); paper: Eq. 6 over the best half"
+        default="reference",
+        description="reference: sqrt(sum sigma^2/(M*mu)); paper: Eq. 6 over the best half",
     )
     sigma_floor: float | None = Field(default=None, gt=0, description="lower bound of the clients' sigma")
     covariance: Literal["full", "diagonal"] = Field(

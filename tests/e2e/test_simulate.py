@@ -1,0 +1,93 @@
+"""``fedbpt simulate`` end to end: the inference service, the coordinator and the clients as real
+processes on 127.0.0.1, driven by the CLI exactly as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fedbpt_cli.procs import fedbpt_command
+from protos import PromptResponse
+
+SMALL = [
+    "--k-shot", "8", "--test-limit", "40", "--prompt-length", "4", "--intrinsic-dim", "16",
+    "--local-popsize", "4", "--local-iters", "2", "--max-input-tokens", "24", "--eval-every", "1",
+    "--seed", "7",
+]  # fmt: skip
+
+
+def test_simulate_two_clients_two_rounds(tiny_bert_dir: Path, sst2_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    argv = fedbpt_command(
+        "simulate", "--clients", "2", "--rounds", "2", "--data", str(sst2_dir), "--out", str(out),
+        "--model", str(tiny_bert_dir), *SMALL,
+    )  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "zero-shot accuracy" in done.stdout
+    assert re.search(r"round +1: 2 client\(s\)", done.stdout), done.stdout[-2000:]
+
+    report = json.loads((out / "report.json").read_text())
+    summary = report["summary"]
+    assert summary["state"] == "finished" and summary["rounds_completed"] == 2
+    assert report["config"]["projection"]["intrinsic_dim"] == 16
+    assert summary["zero_shot_accuracy"] is not None and summary["final_accuracy"] is not None
+    for link, value in summary["bytes_per_client_per_round"].items():
+        assert value > 0, link
+    for record in report["rounds"]:
+        ids = [p["client_id"] for p in record["participants"]]
+        assert len(ids) == 2 and len(set(ids)) == 2, record
+
+    # The global mean moved away from z0 = 0.
+    prompt = PromptResponse.model_validate_json((out / "prompt.json").read_text())
+    assert prompt.z.numpy().shape == (16,) and np.linalg.norm(prompt.z.numpy()) > 0
+
+    # Each client's update arrived exactly once per round, as the coordinator stored it.
+    with sqlite3.connect(out / "coordinator.sqlite") as db:
+        rows = db.execute(
+            "SELECT round, client_id, COUNT(*) FROM updates GROUP BY round, client_id"
+        ).fetchall()
+    assert sorted((r, n) for r, _, n in rows) == [(0, 1), (0, 1), (1, 1), (1, 1)]
+
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    parts = sorted(p.name for p in (out / "data").iterdir())
+    assert parts == ["client_0.jsonl", "client_1.jsonl", "test_0.jsonl", "test_1.jsonl"]
+
+
+def test_ctrl_c_stops_every_process(tiny_bert_dir: Path, sst2_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    argv = fedbpt_command(
+        "simulate", "--clients", "2", "--rounds", "50", "--data", str(sst2_dir), "--out", str(out),
+        "--model", str(tiny_bert_dir), *SMALL,
+    )  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    urls: list[str] = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        found = re.findall(r"http://127\.0\.0\.1:\d+", line)
+        if line.startswith("inference service"):
+            urls = found
+        if line.startswith("run "):
+            break
+        assert time.monotonic() < deadline, "simulate did not start the run in time"
+    assert len(urls) == 2, urls
+    for url in urls:
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    for url in urls:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=5)
+    logs = sorted(p.name for p in (out / "logs").iterdir())
+    assert logs == ["client-0.log", "client-1.log", "serve-coordinator.log", "serve-model.log"]
