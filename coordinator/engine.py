@@ -39,6 +39,7 @@ from coordinator.store import Store, decode_vector, encode_vector
 from protos import (
     Array,
     ClientMetrics,
+    ClientSummary,
     ClientUpdate,
     EnrolResponse,
     EvalReport,
@@ -186,6 +187,11 @@ class Engine:
         with self.lock:
             row = self._run_row(run_id)
             return records.round_records(self.store, run_id, self.config(run_id), row["state"] == "finished")
+
+    def clients(self, run_id: str) -> list[ClientSummary]:
+        with self.lock:
+            self._run_row(run_id)
+            return records.client_summaries(self.store, run_id)
 
     def enrol(self, run_id: str, name: str) -> EnrolResponse:
         token = auth.new_token()

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from coordinator.store import Store
-from protos import ClientMetrics, ParticipantRecord, RoundRecord, RunConfig, RunInfo
+from protos import ClientMetrics, ClientSummary, ParticipantRecord, RoundRecord, RunConfig, RunInfo
 
 
 def weighted(pairs: Iterable[tuple[float | None, float]]) -> float | None:
@@ -125,3 +125,44 @@ def run_info(store: Store, row: sqlite3.Row, config: RunConfig) -> RunInfo:
         final_accuracy=final,
         error=row["error"],
     )
+
+
+def client_summaries(store: Store, run_id: str) -> list[ClientSummary]:
+    """Each enrolled client of the run with what it contributed (updates and evaluations)."""
+    contributed: dict[str, list[sqlite3.Row]] = defaultdict(list)
+    for u in store.all(
+        "SELECT client_id, round, metrics, received_at FROM updates WHERE run_id = ? ORDER BY round",
+        (run_id,),
+    ):
+        contributed[u["client_id"]].append(u)
+    evals: dict[str, sqlite3.Row] = {}
+    for e in store.all(
+        "SELECT client_id, round, test_accuracy, received_at FROM evals WHERE run_id = ? ORDER BY round",
+        (run_id,),
+    ):
+        evals[e["client_id"]] = e  # ordered by round: the last one wins
+    summaries = []
+    for c in store.all(
+        "SELECT client_id, name, created_at FROM clients WHERE run_id = ? ORDER BY seq", (run_id,)
+    ):
+        mine = contributed.get(c["client_id"], [])
+        final = evals.get(c["client_id"])
+        latest = ClientMetrics.model_validate_json(mine[-1]["metrics"]) if mine else None
+        reported = [ClientMetrics.model_validate_json(u["metrics"]).test_accuracy for u in mine]
+        accuracy = final["test_accuracy"] if final is not None else None
+        if accuracy is None:
+            accuracy = next((a for a in reversed(reported) if a is not None), None)
+        seen = [float(u["received_at"]) for u in mine] + ([float(final["received_at"])] if final else [])
+        summaries.append(
+            ClientSummary(
+                client_id=c["client_id"],
+                name=c["name"],
+                enrolled_at=float(c["created_at"]),
+                last_seen=max(seen) if seen else None,
+                rounds_contributed=len({int(u["round"]) for u in mine}),
+                last_round=int(mine[-1]["round"]) if mine else None,
+                test_accuracy=accuracy,
+                train_loss=latest.train_loss if latest else None,
+            )
+        )
+    return summaries

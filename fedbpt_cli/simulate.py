@@ -66,6 +66,7 @@ def simulate(
     test_split: str = typer.Option("test", help="name of the test split (file stem or hf split)"),
     text_column: str = typer.Option("text", help="text column of the data"),
     label_column: str = typer.Option("label", help="label column of the data"),
+    overwrite: bool = typer.Option(False, help="replace a previous simulation's files in --out"),
 ) -> None:
     """Run a federation on this machine as real processes and write a report folder."""
     from pydantic import ValidationError
@@ -120,6 +121,7 @@ def simulate(
         test_split=test_split,
         text_column=text_column,
         label_column=label_column,
+        overwrite=overwrite,
     )
     started = time.monotonic()
     code = sim.run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,23 @@ from fedbpt_cli.services import LocalFederation, ModelServer, SimulationError
 from protos import PromptResponse, RunConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+# What a simulation writes into its folder; only these are removed by ``overwrite``.
+ARTEFACTS = ("data", "logs", "report.json", "curves.png", "prompt.json", "admin_token", "coordinator.sqlite")
+
+
+def clear_previous(out: Path, overwrite: bool) -> None:
+    """A report folder holds one run: refuse to mix two unless asked to replace the old one."""
+    present = [out / name for name in ARTEFACTS if (out / name).exists()]
+    present += sorted(out.glob("coordinator.sqlite-*"))
+    if present and not overwrite:
+        raise SimulationError(
+            f"{out} already holds a simulation ({present[0].name}); pass --overwrite or another --out"
+        )
+    for path in present:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 @dataclass
@@ -38,6 +56,7 @@ class Simulation:
     test_split: str = "test"
     text_column: str = "text"
     label_column: str = "label"
+    overwrite: bool = False
     console: Console | None = None
 
     def run(self) -> int:
@@ -45,8 +64,9 @@ class Simulation:
         self.out.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         try:
+            clear_previous(self.out, self.overwrite)
             files = self._prepare(console)
-        except DataError as exc:
+        except (DataError, SimulationError) as exc:
             console.print(f"[red]error:[/] {exc}")
             return EXIT_FAILED
         federation = LocalFederation(self.out, ModelServer(self.model, self.head))
@@ -96,9 +116,8 @@ class Simulation:
         with console.status("starting the inference service and the coordinator"):
             federation.start_services()
         console.print(f"inference service {federation.model_url}; coordinator {federation.coordinator_url}")
-        console.print(
-            f"dashboard: {federation.coordinator_url}/  (admin token in {self.out / 'admin_token'})"
-        )
+        # The fragment never reaches the server; the page keeps the token for its tab only.
+        console.print(f"dashboard: {federation.coordinator_url}/#token={federation.admin_token}")
         (self.out / "admin_token").write_text(federation.admin_token + "\n")
         (self.out / "admin_token").chmod(0o600)
 

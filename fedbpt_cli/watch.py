@@ -1,7 +1,8 @@
 """Follow a run on the coordinator until it ends, with a rich progress display.
 
-One line per closed round (round, participants, train loss, test accuracy of the global prompt,
-client sigma) is printed as the round closes, so a log or CI output shows the learning curve too.
+One line per closed round is printed as the round closes (round, participants, mean client train
+loss, test accuracy of the global prompt the round started from, client sigma before -> after), so
+a log or CI output shows the learning curve too.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 
 def round_line(record: RoundRecord) -> str:
     return (
-        f"round {record.round:>3}: {len(record.participants)} client(s)  "
-        f"train loss {_fmt(record.train_loss)}  "
-        f"test acc (start of round) {_fmt(record.test_accuracy)}  "
+        f"round {record.round:>3}  clients {len(record.participants)}  "
+        f"loss {_fmt(record.train_loss)}  acc {_fmt(record.test_accuracy)}  "
         f"sigma {_fmt(record.sigma_before, '.4g')} -> {_fmt(record.sigma_after, '.4g')}"
     )
 

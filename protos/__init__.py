@@ -4,6 +4,7 @@ from protos.arrays import Array, ArrayError, decode_array
 from protos.federation import (
     ClientIdentity,
     ClientMetrics,
+    ClientSummary,
     ClientUpdate,
     EnrolRequest,
     EnrolResponse,
@@ -38,6 +39,7 @@ __all__ = [
     "ArrayError",
     "ClientIdentity",
     "ClientMetrics",
+    "ClientSummary",
     "ClientUpdate",
     "EnrolRequest",
     "EnrolResponse",

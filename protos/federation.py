@@ -172,6 +172,19 @@ class RoundRecord(Strict):
     aggregation_seconds: float | None = None
 
 
+class ClientSummary(Strict):
+    """``GET /v1/runs/{id}/clients`` (admin): one enrolled site as the coordinator has seen it."""
+
+    client_id: str
+    name: str
+    enrolled_at: float
+    last_seen: float | None = Field(default=None, description="last update or evaluation received")
+    rounds_contributed: int = 0
+    last_round: int | None = None
+    test_accuracy: float | None = Field(default=None, description="the latest accuracy it reported")
+    train_loss: float | None = Field(default=None, description="its train loss in its latest round")
+
+
 class PromptResponse(Strict):
     """``GET /v1/runs/{id}/prompt``: all that is needed to use the tuned prompt with the service."""
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -21,7 +23,7 @@ from fed_clients.perturb import Perturber
 from fed_clients.presets import ResolvedTask, resolve_task
 from fed_clients.training import make_score_fn, train_locally
 from fed_clients.transport import JsonService, RetryPolicy
-from fedbpt_cli.procs import fedbpt_command
+from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port
 from protos import Array, GlobalState, ProjectionSpec, PromptResponse
 from tests.clients.conftest import SST2_SAMPLE, write_jsonl
 
@@ -200,3 +202,41 @@ def test_evaluate_command_errors(model_url: str, tmp_path: Path, sst2_file: Path
     assert done.returncode == 2 and "not a PromptResponse" in done.stderr
     done = _evaluate_cli(model_url, "--data", str(sst2_file), "--task", "nope")
     assert done.returncode == 2 and "unknown task preset 'nope'" in done.stderr
+
+
+def test_scoring_rides_out_a_real_service_restart(
+    tiny_bert: Path, task: ResolvedTask, split: EncodedSplit, tmp_path: Path
+) -> None:
+    """The real ``fedbpt serve-model`` is stopped and, a few seconds later, started again on the
+    same port: calls made while it is down are retried (connection refused) and then answered."""
+    port = free_port()
+
+    def service() -> ManagedProcess:
+        argv = fedbpt_command(
+            "serve-model", "--model", str(tiny_bert), "--port", str(port), "--device", "cpu",
+            "--threads", "1", "--log-level", "warning",
+        )  # fmt: skip
+        return ManagedProcess("serve-model", argv, tmp_path / "serve.log")
+
+    url = f"http://127.0.0.1:{port}"
+    first = service().start()
+    first.wait_http(f"{url}/readyz", timeout=180)
+    http = JsonService(
+        "model service", url, timeout_s=120, retry=RetryPolicy(total_s=180, initial_s=0.2, max_backoff_s=1.0)
+    )
+    model = ModelService(http)
+    z = np.random.default_rng(0).normal(size=(2, PROJECTION.intrinsic_dim))
+    before = model.score(task.spec, split.input_ids, z=z, projection=PROJECTION)
+    first.stop()
+    second = service()
+    later = threading.Timer(3.0, second.start)
+    later.start()
+    try:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=2)  # really down
+        after = model.score(task.spec, split.input_ids, z=z, projection=PROJECTION)
+    finally:
+        later.join()
+        second.stop()
+        http.close()
+    np.testing.assert_allclose(after, before, atol=1e-5)

@@ -416,7 +416,7 @@ def test_oversized_body_is_413(coordinator_factory: Callable[..., Coordinator]) 
     assert coord.dump() == before
 
 
-def test_health_metrics_and_placeholder_page(coord: Coordinator) -> None:
+def test_health_metrics_and_dashboard_files(coord: Coordinator) -> None:
     run_id, (a,) = coord.new_run(1)
     coord.train(run_id, a, 1)
     assert coord.http.get("/healthz").json() == {"status": "ok"}
@@ -425,7 +425,13 @@ def test_health_metrics_and_placeholder_page(coord: Coordinator) -> None:
     assert 'fedbpt_coordinator_rounds_total{result="closed"} 1.0' in text
     assert 'fedbpt_coordinator_runs{state="running"} 1.0' in text
     assert 'route="/v1/runs/{run_id}/rounds/{round_}/updates",status="200"' in text
-    assert "dashboard" in coord.http.get("/").text
+    for page in ("/", f"/runs/{run_id}"):
+        r = coord.http.get(page)
+        assert r.status_code == 200 and "/dashboard/static/dashboard.js" in r.text
+    # Served from this package, never from a CDN: the machines have no internet.
+    assert "http" not in coord.http.get("/").text.replace("http-equiv", "")
+    vendor = coord.http.get("/dashboard/static/vendor/chart.umd.min.js")
+    assert vendor.status_code == 200 and "Chart" in vendor.text
 
 
 def test_restart_on_the_same_file_continues(coordinator_factory: Callable[..., Coordinator]) -> None:
@@ -483,3 +489,29 @@ def test_openapi_schema_is_served(coord: Coordinator) -> None:
         "/v1/whoami",
     ):
         assert path in paths
+
+
+def test_client_summaries_for_the_dashboard(coord: Coordinator) -> None:
+    run_id, (a, b, _idle) = coord.new_run(3, rounds=2, min_clients=2, round_timeout_s=0.4)
+    for round_ in range(2):
+        for k, site in enumerate((a, b)):
+            assert coord.task(run_id, site, wait=10).round == round_  # idle never answers: deadlines
+            metrics = ClientMetrics(train_loss=0.5 - 0.1 * round_, test_accuracy=0.6 + 0.1 * k, n_test=10)
+            r = coord.train(run_id, site, seed=10 * round_ + k, metrics=metrics)
+            assert r.status_code == 200, r.text
+    r = coord.http.get(f"/v1/runs/{run_id}/clients", headers=ADMIN_HEADERS)
+    assert r.status_code == 200, r.text
+    by_name = {c["name"]: c for c in r.json()}
+    assert list(by_name) == ["site-0", "site-1", "site-2"]
+    assert by_name["site-0"]["rounds_contributed"] == 2 and by_name["site-0"]["last_round"] == 1
+    assert by_name["site-0"]["train_loss"] == pytest.approx(0.4)
+    assert by_name["site-1"]["test_accuracy"] == pytest.approx(0.7)
+    assert by_name["site-0"]["last_seen"] >= by_name["site-0"]["enrolled_at"]
+    idle_row = by_name["site-2"]
+    assert (idle_row["rounds_contributed"], idle_row["last_seen"], idle_row["test_accuracy"]) == (
+        0,
+        None,
+        None,
+    )
+    assert coord.http.get(f"/v1/runs/{run_id}/clients", headers=a.headers).status_code == 403
+    assert coord.http.get("/v1/runs/run-nope/clients", headers=ADMIN_HEADERS).status_code == 404

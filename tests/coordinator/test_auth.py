@@ -16,6 +16,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("POST", "/v1/runs", "admin"),
     ("POST", "/v1/runs/{run}/clients", "admin"),
     ("POST", "/v1/runs/{run}/start", "admin"),
+    ("GET", "/v1/runs/{run}/clients", "admin"),
     ("GET", "/v1/runs", "read"),
     ("GET", "/v1/runs/{run}", "read"),
     ("GET", "/v1/runs/{run}/rounds", "read"),

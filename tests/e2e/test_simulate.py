@@ -34,7 +34,7 @@ def test_simulate_two_clients_two_rounds(tiny_bert_dir: Path, sst2_dir: Path, tm
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "zero-shot accuracy" in done.stdout
-    assert re.search(r"round +1: 2 client\(s\)", done.stdout), done.stdout[-2000:]
+    assert re.search(r"round +1  clients 2  loss", done.stdout), done.stdout[-2000:]
 
     report = json.loads((out / "report.json").read_text())
     summary = report["summary"]

@@ -1,0 +1,79 @@
+"""The run dashboard in a real headless Chromium against a real coordinator with a finished run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protos import PromptResponse
+from tests.dashboard.conftest import ADMIN, ROUNDS, FinishedRun
+
+pytestmark = pytest.mark.browser
+
+
+def _points(page: Any, chart: str) -> int:
+    selector = f"[data-testid=chart-{chart}][data-points]"
+    page.wait_for_selector(selector, state="attached", timeout=15_000)
+    return int(page.get_attribute(selector, "data-points"))
+
+
+def test_run_page_shows_charts_clients_and_the_prompt(
+    browser: Any, finished_run: FinishedRun, test_output: Path
+) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1500}, accept_downloads=True)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{finished_run.url}/#token={ADMIN}")
+
+    row = page.locator(f"[data-testid=runs-table] tr[data-run-id='{finished_run.run_id}']")
+    row.wait_for(timeout=15_000)
+    assert "finished" in row.inner_text() and f"{ROUNDS} / {ROUNDS}" in row.inner_text()
+    assert "#token" not in page.url  # the token is kept for the tab, not left in the address bar
+
+    row.locator("a").click()
+    page.wait_for_url(f"**/runs/{finished_run.run_id}")
+    assert page.inner_text("[data-testid=run-state]") == "finished"
+    # One point per round for per-round series; accuracy has the states 0..R (R + 1 points).
+    assert _points(page, "loss") == ROUNDS
+    assert _points(page, "participants") == ROUNDS
+    assert _points(page, "sigma") == ROUNDS
+    assert _points(page, "bytes") == ROUNDS
+    assert _points(page, "accuracy") == ROUNDS + 1
+    chart_data = page.evaluate("window.fedbptCharts.participants.data.datasets[0].data.map(p => p.y)")
+    assert chart_data == [2] * ROUNDS
+
+    rows = page.locator("[data-testid=clients-table] tbody tr")
+    assert rows.count() == 2
+    table = [rows.nth(i).locator("td").all_inner_texts() for i in range(2)]
+    assert [r[0] for r in table] == finished_run.names
+    assert [r[2] for r in table] == [str(ROUNDS), str(ROUNDS)]
+    assert [r[6] for r in table] == [
+        f"{100 * finished_run.final_accuracy[n]:.2f}%" for n in finished_run.names
+    ]
+
+    with page.expect_download() as download:
+        page.click("[data-testid=download-prompt]")
+    prompt = PromptResponse.model_validate_json(Path(download.value.path()).read_bytes())
+    assert prompt.z.numpy().shape == (16,)
+
+    shots = test_output / "dashboard"
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / "run.png"), full_page=True)
+    assert errors == []
+    page.close()
+
+
+def test_without_the_token_the_page_asks_for_it(browser: Any, finished_run: FinishedRun) -> None:
+    page = browser.new_page()
+    page.goto(finished_run.url + "/")
+    page.wait_for_selector("#login:not([hidden])", timeout=15_000)
+    assert page.locator("[data-testid=runs-table] tbody tr").count() == 0  # nothing read without it
+    page.fill("#token", "not-the-token")
+    page.click("#login button")
+    page.wait_for_function("document.getElementById('login-error').textContent.includes('refused')")
+    page.fill("#token", ADMIN)
+    page.click("#login button")
+    page.locator(f"tr[data-run-id='{finished_run.run_id}']").wait_for(timeout=15_000)
+    page.close()
