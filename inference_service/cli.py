@@ -20,7 +20,13 @@ def serve_model(
     dtype: str | None = typer.Option(None, help="auto | float32 | bfloat16 | float16"),
     max_batch_tokens: int | None = typer.Option(None, help="padded tokens per forward pass"),
     max_rows: int | None = typer.Option(None, help="largest P*B of one /v1/score call"),
-    max_length: int | None = typer.Option(None, help="longest sequence (default: the model's)"),
+    max_length: int | None = typer.Option(
+        None, help="longest sequence (default: the model's; vLLM: max_model_len)"
+    ),
+    gpu_memory_utilization: float | None = typer.Option(None, help="vLLM: share of GPU memory (default 0.9)"),
+    tensor_parallel_size: int | None = typer.Option(
+        None, help="vLLM: GPUs to split the model over (default 1)"
+    ),
     threads: int | None = typer.Option(None, help="torch CPU threads"),
     log_level: str | None = typer.Option(None, help="uvicorn log level"),
 ) -> None:
@@ -40,6 +46,8 @@ def serve_model(
         "max_batch_tokens": max_batch_tokens,
         "max_rows": max_rows,
         "max_length": max_length,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "tensor_parallel_size": tensor_parallel_size,
         "threads": threads,
         "log_level": log_level,
     }

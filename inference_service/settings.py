@@ -56,6 +56,13 @@ class ServiceSettings(BaseSettings):
     projection_cache_size: int = Field(default=4, ge=1, description="projection matrices kept per replica")
     max_queue: int = Field(default=256, ge=1, description="score requests waiting at most (503 beyond)")
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (default: torch's)")
+    # vLLM backend only (its max_model_len is max_length above, capped at the model's positions).
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vLLM: share of each GPU's memory the engine may take"
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="vLLM: GPUs one model is split over (vLLM's own tensor parallelism)"
+    )
 
     api_key: SecretStr | None = Field(default=None, description="bearer key for /v1/* (FEDBPT_API_KEY)")
     host: str = "127.0.0.1"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+
+# The vLLM suite needs vLLM's own environment (.venv-vllm, make test-vllm); elsewhere it is not collected.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 REPO = Path(__file__).resolve().parent.parent
 # The real data sits beside the repository (../shared/data); it is read there, never copied.

@@ -177,5 +177,9 @@ class Backend(ABC):
         """Pooled sentence embeddings [R, E] (float32), prompt rows left out of the pooling."""
         raise NotImplementedError(f"{type(self).__name__} does not embed sentences")
 
+    def failure(self) -> str | None:
+        """Why this backend can no longer score (an engine process that died), or None."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to stop
         """Free the model (a backend with an engine process stops it here)."""
