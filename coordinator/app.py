@@ -88,6 +88,13 @@ def _json(model: Any, status: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code=status, media_type="application/json")
 
 
+def _json_list(models: list[Any]) -> Response:
+    # Each model serialises itself (typed arrays stay base64); no list round-trip through Python.
+    return Response(
+        b"[" + b",".join(m.model_dump_json().encode() for m in models) + b"]", media_type="application/json"
+    )
+
+
 # ----- auth dependencies (they run before the body is validated) -----
 async def caller(request: Request) -> auth.Principal:
     engine: Engine = request.app.state.engine
@@ -205,10 +212,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
             return [engine.run_info(run_id) for run_id in ids]
 
         found = await call(infos)
-        return Response(
-            b"[" + b",".join(i.model_dump_json().encode() for i in found) + b"]",
-            media_type="application/json",
-        )
+        return _json_list(found)
 
     @app.get("/v1/runs/{run_id}", response_model=RunInfo)
     async def get_run(run_id: str, principal: Caller) -> Response:
@@ -222,10 +226,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     @app.get("/v1/runs/{run_id}/clients", response_model=list[ClientSummary])
     async def clients(run_id: str, _: Admin) -> Response:
         found = await call(engine.clients, run_id)
-        return Response(
-            b"[" + b",".join(c.model_dump_json().encode() for c in found) + b"]",
-            media_type="application/json",
-        )
+        return _json_list(found)
 
     @app.post("/v1/runs/{run_id}/start", response_model=RunInfo)
     async def start(run_id: str, _: Admin) -> Response:
@@ -237,10 +238,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     async def rounds(run_id: str, principal: Caller) -> Response:
         auth.require_reader(principal, run_id)
         found = await call(engine.rounds, run_id)
-        return Response(
-            b"[" + b",".join(r.model_dump_json().encode() for r in found) + b"]",
-            media_type="application/json",
-        )
+        return _json_list(found)
 
     @app.get("/v1/runs/{run_id}/prompt", response_model=PromptResponse)
     async def prompt(run_id: str, principal: Caller) -> Response:
