@@ -37,7 +37,12 @@ class ServiceState:
     def __init__(self, settings: ServiceSettings, backend: Backend | None) -> None:
         self.settings = settings
         self.metrics = ServiceMetrics()
-        self.scheduler = Scheduler(settings.max_queue, self.metrics)
+        self.scheduler = Scheduler(
+            settings.max_queue,
+            self.metrics,
+            window_s=settings.batch_window_ms / 1000,
+            merge=settings.cross_request_batching,
+        )
         self.backend = backend
         self.scorer: Scorer | None = None
         self.load_error: str | None = None
@@ -166,7 +171,8 @@ def create_app(settings: ServiceSettings | None = None, backend: Backend | None 
     async def score(request: ScoreRequest) -> Response:
         scorer = state.ready_scorer()
         try:
-            result = await state.scheduler.submit(lambda: scorer.score(request))
+            # Requests queued together (several clients) may share forward passes.
+            result = await state.scheduler.submit_merged(request, scorer.score_many, key="score")
         except torch.OutOfMemoryError as exc:
             raise Unavailable(
                 f"out of memory scoring {request.num_prompts * request.num_inputs} rows; "

@@ -13,7 +13,7 @@ P1..PL are placeholder token ids (``TextCodec.placeholder_ids``); the backend ad
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,14 +108,28 @@ def plan_chunks(
     padded tokens (rows x the chunk's longest row; a single longer row goes alone). With
     ``bucketing`` rows are sorted by length first, so each chunk pads only to rows of similar length."""
     num_inputs = len(lengths)
-    rows = [p * num_inputs + b for p in range(num_prompts) for b in range(num_inputs)]
+    row_lengths = [lengths[r % num_inputs] for r in range(num_prompts * num_inputs)]
+    return plan_rows(
+        row_lengths, max_batch_tokens, bucketing, tiebreak=lambda r: (r % num_inputs, r // num_inputs)
+    )
+
+
+def plan_rows(
+    row_lengths: Sequence[int],
+    max_batch_tokens: int,
+    bucketing: bool = True,
+    tiebreak: Callable[[int], tuple[int, ...]] = lambda r: (r,),
+) -> list[list[int]]:
+    """Chunks of row indices (rows of any origin, e.g. several requests merged) within the token
+    budget; rows of equal length are ordered by ``tiebreak``."""
+    rows = list(range(len(row_lengths)))
     if bucketing:
-        rows.sort(key=lambda r: (lengths[r % num_inputs], r % num_inputs, r // num_inputs))
+        rows.sort(key=lambda r: (row_lengths[r], *tiebreak(r)))
     chunks: list[list[int]] = []
     current: list[int] = []
     longest = 0
     for r in rows:
-        n = lengths[r % num_inputs]
+        n = row_lengths[r]
         if current and (len(current) + 1) * max(longest, n) > max_batch_tokens:
             chunks.append(current)
             current, longest = [], 0

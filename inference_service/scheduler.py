@@ -2,9 +2,11 @@
 dedicated thread, so model work never blocks the event loop (``/healthz`` answers during a long
 score) and the model is only ever touched from one thread.
 
-Cross-request batching hooks in at ``_take``: it returns the jobs to run together. Today that is
-the first job alone; a later version can wait a short window and merge queued jobs whose
-``key`` matches (same task and prompt spec) into one set of forward passes.
+Cross-request batching: a job submitted with ``submit_merged`` carries an item and a function that
+runs a list of items at once (``Scorer.score_many``). When such a job reaches the head of the
+queue, the worker waits ``window_s`` (0: no wait, only what is already queued) and takes every
+queued job with the same function and key along, so requests of several clients that arrived
+while the model was busy share forward passes. Each job still gets its own result or error.
 """
 
 from __future__ import annotations
@@ -25,15 +27,26 @@ T = TypeVar("T")
 
 @dataclass
 class Job:
-    fn: Callable[[], Any]
+    fn: Callable[[], Any] | None
     future: asyncio.Future[Any]
-    key: Hashable | None = None  # jobs with equal keys may one day share forward passes
+    key: Hashable | None = None
+    # Mergeable jobs: ``merge([item, ...])`` returns one result (or exception) per item.
+    item: Any = None
+    merge: Callable[[list[Any]], list[Any]] | None = None
     enqueued: float = field(default_factory=time.monotonic)
 
 
 class Scheduler:
-    def __init__(self, max_queue: int = 256, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        max_queue: int = 256,
+        metrics: ServiceMetrics | None = None,
+        window_s: float = 0.0,
+        merge: bool = True,
+    ) -> None:
         self.max_queue = max_queue
+        self.window_s = window_s
+        self.merging = merge
         self.metrics = metrics
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -67,17 +80,28 @@ class Scheduler:
 
     async def submit(self, fn: Callable[[], T], key: Hashable | None = None) -> T:
         """Queue ``fn`` for the model thread and wait for its result (its exception is re-raised)."""
+        return await self._enqueue(Job(fn, self._new_future(), key))  # type: ignore[no-any-return]
+
+    async def submit_merged(
+        self, item: Any, merge: Callable[[list[Any]], list[Any]], key: Hashable = None
+    ) -> Any:
+        """Queue ``item``; it may run together with other queued items of the same ``merge`` and
+        ``key`` (``merge`` returns one result or exception per item, in order)."""
+        return await self._enqueue(Job(None, self._new_future(), key, item, merge))
+
+    def _new_future(self) -> asyncio.Future[Any]:
         self.start()
+        return asyncio.get_running_loop().create_future()
+
+    async def _enqueue(self, job: Job) -> Any:
         assert self._queue is not None
         if self._pending >= self.max_queue:
             raise Unavailable(f"the model queue is full ({self.max_queue} jobs); retry shortly")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending += 1
         self._gauge()
-        self._queue.put_nowait(Job(fn, future, key))
+        self._queue.put_nowait(job)
         try:
-            result: T = await future
-            return result
+            return await job.future
         finally:
             self._pending -= 1
             self._gauge()
@@ -87,8 +111,21 @@ class Scheduler:
             self.metrics.queue_depth.set(self._pending)
 
     async def _take(self, first: Job) -> list[Job]:
-        """The jobs to run now, starting with ``first``. (Cross-request batching goes here.)"""
-        return [first]
+        """The jobs to run now: ``first``, plus the queued jobs that can merge with it."""
+        assert self._queue is not None
+        if first.merge is None or not self.merging:
+            return [first]
+        if self.window_s > 0:
+            await asyncio.sleep(self.window_s)
+        group: list[Job] = [first]
+        rest: list[Job] = []
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            same = job.merge == first.merge and job.key == first.key and not job.future.done()
+            (group if same else rest).append(job)
+        for job in rest:  # the queue was emptied: putting them back keeps their order
+            self._queue.put_nowait(job)
+        return group
 
     async def _worker(self) -> None:
         assert self._queue is not None and self._executor is not None
@@ -96,28 +133,42 @@ class Scheduler:
         executor = self._executor
         try:
             while True:
-                jobs = await self._take(await self._queue.get())
-                for job in jobs:
-                    if job.future.done():  # the caller went away before its turn
-                        continue
+                jobs = [j for j in await self._take(await self._queue.get()) if not j.future.done()]
+                if not jobs:  # the callers went away before their turn
+                    continue
+                if self.metrics is not None:
+                    self.metrics.in_flight.set(len(jobs))
+                try:
+                    await self._run(loop, executor, jobs)
+                finally:
                     if self.metrics is not None:
-                        self.metrics.in_flight.set(1)
-                    try:
-                        result = await loop.run_in_executor(executor, job.fn)
-                    except Exception as exc:  # handed to the caller, who maps it to HTTP
-                        if not job.future.done():
-                            job.future.set_exception(exc)
-                    else:
-                        if not job.future.done():
-                            job.future.set_result(result)
-                    finally:
-                        if self.metrics is not None:
-                            self.metrics.in_flight.set(0)
+                        self.metrics.in_flight.set(0)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # pragma: no cover - a bug in the loop itself
             self.crashed = exc
             raise
+
+    @staticmethod
+    async def _run(loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, jobs: list[Job]) -> None:
+        """Run one job, or one merged group, on the model thread; hand each caller its outcome."""
+        first = jobs[0]
+        try:
+            if first.merge is not None:
+                merge = first.merge
+                outcomes = await loop.run_in_executor(executor, lambda: merge([j.item for j in jobs]))
+            else:
+                assert first.fn is not None
+                outcomes = [await loop.run_in_executor(executor, first.fn)]
+        except Exception as exc:  # handed to the callers, who map it to HTTP
+            outcomes = [exc] * len(jobs)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
 
     async def stop(self) -> None:
         if self._task is not None:

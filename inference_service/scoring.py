@@ -5,6 +5,10 @@ wrong), compiles the task, builds the B sequences once, computes the P prompts (
 population in one matmul, or the given prompt_embeds) and plans the forward passes (length
 buckets, token budget). ``run`` feeds the chunks to the backend and puts the logits back in
 [P, B, C] order. The scheduler calls both in its worker thread.
+
+``score_many`` is cross-request batching: requests queued together (several clients) that share a
+task and prompt layout have their rows planned into one set of forward passes, so small requests
+fill the token budget together; each still gets exactly its own logits.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from inference_service.backends.base import Backend, PromptMode, RowBatch
 from inference_service.errors import BadRequest
 from inference_service.projection import ProjectionCache, prompt_offsets
-from inference_service.rows import Sequences, assemble, perturb_template, plan_chunks
+from inference_service.rows import Sequences, assemble, perturb_template, plan_chunks, plan_rows
 from inference_service.settings import ServiceSettings
 from inference_service.tasks import CompiledTask, TaskCache
 from protos.arrays import Array
@@ -159,37 +163,84 @@ class Scorer:
         return None, "add"
 
     def run(self, prepared: PreparedScore) -> ScoreResponse:
+        return self.run_many([prepared])[0]
+
+    def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse | Exception]:
+        """Score several requests, merging the forward passes of those that can share them; a
+        request's own error (a BadRequest, say) is its answer and does not touch the others."""
+        answers: list[ScoreResponse | Exception | None] = [None] * len(requests)
+        groups: dict[tuple[object, ...], list[tuple[int, PreparedScore]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                prepared = self.prepare(request)
+            except Exception as exc:
+                answers[i] = exc
+                continue
+            groups.setdefault(_merge_key(prepared), []).append((i, prepared))
+        for members in groups.values():
+            try:
+                results: list[ScoreResponse | Exception] = list(self.run_many([p for _, p in members]))
+            except Exception as exc:  # e.g. out of memory: every request of the group gets it
+                results = [exc] * len(members)
+            for (i, _), result in zip(members, results, strict=True):
+                answers[i] = result
+        return [a if a is not None else RuntimeError("not scored") for a in answers]
+
+    def run_many(self, group: list[PreparedScore]) -> list[ScoreResponse]:
+        """Run requests of one merge key (same task and prompt layout) in shared forward passes."""
         start = time.perf_counter()
-        seqs, task = prepared.seqs, prepared.task
-        num_inputs = prepared.num_inputs
-        out = torch.empty(prepared.rows, task.num_labels, dtype=torch.float32)
+        first = group[0]
+        seqs0, task = first.seqs, first.task
+        # Global row g belongs to request owner[g], its row local[g] (= p * B + b).
+        owner = [k for k, p in enumerate(group) for _ in range(p.rows)]
+        local = [r for p in group for r in range(p.rows)]
+        base = np.cumsum([0] + [p.num_prompts for p in group])
+        if len(group) == 1:
+            chunks = first.chunks
+        else:
+            lengths = [
+                group[k].seqs.lengths[r % group[k].num_inputs] for k, r in zip(owner, local, strict=True)
+            ]
+            chunks = plan_rows(lengths, self.max_batch_tokens, self.bucketing)
+        prompts = first.prompts
+        if prompts is not None and len(group) > 1:  # the merge key makes them all present
+            prompts = torch.cat([p.prompts for p in group if p.prompts is not None])
+        outs = [torch.empty(p.rows, task.num_labels, dtype=torch.float32) for p in group]
         padded = 0
         with torch.inference_mode():
-            for chunk in prepared.chunks:
+            for chunk in chunks:
+                rows = [(group[owner[g]], local[g], owner[g]) for g in chunk]
                 batch = RowBatch(
-                    token_ids=[seqs.token_ids[r % num_inputs] for r in chunk],
-                    prompt_start=seqs.prompt_start,
-                    prompt_length=seqs.prompt_length,
-                    prompt_index=[r // num_inputs for r in chunk],
-                    prompts=prepared.prompts,
-                    prompt_mode=prepared.prompt_mode,
-                    score_index=[seqs.score_index[r % num_inputs] for r in chunk],
+                    token_ids=[p.seqs.token_ids[r % p.num_inputs] for p, r, _ in rows],
+                    prompt_start=seqs0.prompt_start,
+                    prompt_length=seqs0.prompt_length,
+                    prompt_index=[int(base[k]) + r // p.num_inputs for p, r, k in rows],
+                    prompts=prompts,
+                    prompt_mode=first.prompt_mode,
+                    score_index=[p.seqs.score_index[r % p.num_inputs] for p, r, _ in rows],
                     label_ids=list(task.label_ids) if task.label_ids is not None else None,
                 )
-                out[torch.as_tensor(chunk)] = self._logits(batch, task)
+                logits = self._logits(batch, task)
+                for i, (_, r, k) in enumerate(rows):
+                    outs[k][r] = logits[i]
                 chunk_padded = len(batch) * batch.longest
                 padded += chunk_padded
                 if self.on_forward is not None:
                     self.on_forward(len(batch), chunk_padded)
-        logits = out.view(prepared.num_prompts, num_inputs, task.num_labels).numpy()
-        lengths = seqs.lengths
-        stats = ScoreStats(
-            forward_passes=len(prepared.chunks),
-            real_tokens=sum(lengths) * prepared.num_prompts,
-            padded_tokens=padded,
-            seconds=prepared.prepare_seconds + time.perf_counter() - start,
-        )
-        return ScoreResponse(logits=Array.from_numpy(logits, "float32"), rows=prepared.rows, stats=stats)
+        seconds = time.perf_counter() - start
+        responses = []
+        for p, out in zip(group, outs, strict=True):
+            stats = ScoreStats(
+                forward_passes=len(chunks),  # shared by the group
+                real_tokens=sum(p.seqs.lengths) * p.num_prompts,
+                padded_tokens=padded,
+                seconds=p.prepare_seconds + seconds,
+            )
+            logits_np = out.view(p.num_prompts, p.num_inputs, task.num_labels).numpy()
+            responses.append(
+                ScoreResponse(logits=Array.from_numpy(logits_np, "float32"), rows=p.rows, stats=stats)
+            )
+        return responses
 
     def _logits(self, batch: RowBatch, task: CompiledTask) -> torch.Tensor:
         if task.head != "embedding":
@@ -218,3 +269,16 @@ class Scorer:
             cached = torch.nn.functional.normalize(self.backend.sentence_embeddings(batch), dim=-1)
             task.cache["anchors"] = cached
         return cached
+
+
+def _merge_key(prepared: PreparedScore) -> tuple[object, ...]:
+    """Requests with equal keys can share forward passes: one compiled task (the same label ids
+    or anchors), the prompt slot at the same place, prompts added (or put) the same way."""
+    seqs = prepared.seqs
+    return (
+        id(prepared.task),
+        seqs.prompt_start,
+        seqs.prompt_length,
+        prepared.prompt_mode,
+        prepared.prompts is None,
+    )

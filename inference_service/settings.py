@@ -55,6 +55,15 @@ class ServiceSettings(BaseSettings):
     )
     projection_cache_size: int = Field(default=4, ge=1, description="projection matrices kept per replica")
     max_queue: int = Field(default=256, ge=1, description="score requests waiting at most (503 beyond)")
+    cross_request_batching: bool = Field(
+        default=True, description="score requests queued together share forward passes"
+    )
+    batch_window_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=1000,
+        description="wait this long for more requests to merge (0: only the queued)",
+    )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (default: torch's)")
     # vLLM backend only (its max_model_len is max_length above, capped at the model's positions).
     gpu_memory_utilization: float = Field(

@@ -34,7 +34,8 @@ def test_run_page_shows_charts_clients_and_the_prompt(
 
     row.locator("a").click()
     page.wait_for_url(f"**/runs/{finished_run.run_id}")
-    assert page.inner_text("[data-testid=run-state]") == "finished"
+    # The page fetches the run after it loads; everything below is drawn in the same task as the state.
+    page.locator("[data-testid=run-state]", has_text="finished").wait_for(timeout=15_000)
     # One point per round for per-round series; accuracy has the states 0..R (R + 1 points).
     assert _points(page, "loss") == ROUNDS
     assert _points(page, "participants") == ROUNDS
