@@ -3,6 +3,10 @@
 (100 SST-2 training sentences, d=100, L=5, 5 candidates x 3 generations), against a real service and
 coordinator on loopback. Target: peak RSS <= 120 MB. Prints figures; asserts nothing on time.
 
+The client runs from a client-only environment (``.venv-client``: ``pip install -e ".[client]"``,
+built here on first use), as a site installs it: no torch, no matplotlib, no scipy. (In the
+development environment pycma would import matplotlib and scipy, which it uses when present.)
+
 Usage: .venv/bin/python benchmarks/bench_client.py [--rounds 3] [--examples 100]
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,6 +32,18 @@ from fedbpt_cli.services import LocalFederation  # noqa: E402
 from protos import ProjectionSpec, RunConfig  # noqa: E402
 
 DATA = Path(os.environ.get("FEDBPT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def client_python() -> str:
+    venv = REPO / ".venv-client"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print("building .venv-client (pip install -e '.[client]') ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", f"{REPO}[client]"], check=True)
+    found = subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode == 0
+    print(f"client environment {venv}: torch {'present (!)' if found else 'absent'}")
+    return str(python)
 
 
 def main() -> int:
@@ -48,7 +65,7 @@ def main() -> int:
         max_input_tokens=48,
         eval_every=0,
     )
-    federation = LocalFederation(work)
+    federation = LocalFederation(work, client_python=client_python())
     try:
         federation.start_services()
         run_id, (token,) = federation.create_run(config, 1)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import warnings
 
-import cma
+# A site install has no matplotlib (pycma's plots are never used here): silence pycma's notice.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
+    import cma
 import numpy as np
 
 from protos import GlobalState

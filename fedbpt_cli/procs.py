@@ -27,9 +27,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def fedbpt_command(*args: str) -> list[str]:
-    """The ``fedbpt`` CLI run by this interpreter (works without the console script on PATH)."""
-    return [sys.executable, "-m", "fedbpt_cli.main", *args]
+def fedbpt_command(*args: str, python: str | None = None) -> list[str]:
+    """The ``fedbpt`` CLI run by this interpreter, or by ``python`` (another environment, e.g. a
+    client-only install); works without the console script on PATH."""
+    return [python or sys.executable, "-m", "fedbpt_cli.main", *args]
 
 
 class ManagedProcess:

@@ -44,6 +44,8 @@ class LocalFederation:
     coordinator_url: str = ""
     processes: list[ManagedProcess] = field(default_factory=list)
     clients: list[ManagedProcess] = field(default_factory=list)
+    # The interpreter of the client processes (None: this one); e.g. a client-only environment.
+    client_python: str | None = None
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -104,7 +106,8 @@ class LocalFederation:
         if test is not None:
             args += ["--test-data", str(test)]
         # The token travels in the environment, not on the command line (visible in `ps`).
-        self.clients.append(self._start(f"client-{k}", fedbpt_command(*args), env={"FEDBPT_TOKEN": token}))
+        argv = fedbpt_command(*args, python=self.client_python)
+        self.clients.append(self._start(f"client-{k}", argv, env={"FEDBPT_TOKEN": token}))
 
     def start_run(self, run_id: str) -> RunInfo:
         with self.admin() as http:
