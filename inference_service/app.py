@@ -41,7 +41,7 @@ class ServiceState:
             settings.max_queue,
             self.metrics,
             window_s=settings.batch_window_ms / 1000,
-            merge=settings.cross_request_batching,
+            merge=bool(settings.cross_request_batching),
         )
         self.backend = backend
         self.scorer: Scorer | None = None
@@ -53,6 +53,11 @@ class ServiceState:
             from inference_service.backends import load_backend
 
             self.backend = load_backend(self.settings)
+        if self.settings.cross_request_batching is None:
+            # Auto: merging fills a GPU, and vLLM batches whatever one call brings; with the
+            # transformers backend on CPU it measured slower (benchmarks/bench_concurrency.py).
+            described = self.backend.description
+            self.scheduler.merging = described.backend == "vllm" or not described.device.startswith("cpu")
         return Scorer(self.backend, self.settings, on_forward=self.metrics.observe_forward)
 
     async def _load(self) -> None:

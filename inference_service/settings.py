@@ -55,8 +55,10 @@ class ServiceSettings(BaseSettings):
     )
     projection_cache_size: int = Field(default=4, ge=1, description="projection matrices kept per replica")
     max_queue: int = Field(default=256, ge=1, description="score requests waiting at most (503 beyond)")
-    cross_request_batching: bool = Field(
-        default=True, description="score requests queued together share forward passes"
+    cross_request_batching: bool | None = Field(
+        default=None,
+        description="score requests queued together share forward passes (default: on a GPU only; "
+        "measured slower on CPU, where bigger passes lose cache locality)",
     )
     batch_window_ms: float = Field(
         default=0.0,

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from inference_service.app import create_app
 from inference_service.errors import BadRequest
 from inference_service.scheduler import Scheduler
 from protos import ScoreResponse, TaskSpec
@@ -106,3 +108,12 @@ def test_merging_can_be_turned_off() -> None:
         return recorder.groups
 
     assert asyncio.run(scenario()) == [["a"], ["b"], ["c"]]
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, False), (True, True), (False, False)])
+def test_auto_merging_is_off_for_transformers_on_cpu(zoo: Zoo, setting: bool | None, expected: bool) -> None:
+    settings = zoo.settings("bert", cross_request_batching=setting)
+    app = create_app(settings, backend=zoo.backend("bert"))
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200
+        assert app.state.service.scheduler.merging is expected
