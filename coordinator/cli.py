@@ -20,6 +20,8 @@ def serve_coordinator(
     ),
     max_body_bytes: int | None = typer.Option(None, help="largest request body (default 16 MiB)"),
     log_level: str | None = typer.Option(None, help="log level (default info)"),
+    tls_cert: Path | None = typer.Option(None, help="serve HTTPS: PEM certificate (with --tls-key)"),
+    tls_key: Path | None = typer.Option(None, help="serve HTTPS: PEM private key"),
 ) -> None:
     """Coordinate federated runs over HTTP (the admin token comes from FEDBPT_ADMIN_TOKEN)."""
     from pydantic import ValidationError
@@ -33,6 +35,8 @@ def serve_coordinator(
         "deadline_check_interval_s": deadline_check_interval,
         "max_body_bytes": max_body_bytes,
         "log_level": log_level,
+        "tls_certfile": tls_cert,
+        "tls_keyfile": tls_key,
     }
     try:
         settings = CoordinatorSettings(**{k: v for k, v in given.items() if v is not None})
@@ -60,4 +64,6 @@ def serve_coordinator(
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=3,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
     )

@@ -5,9 +5,9 @@ Light import: pydantic only."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 2**20
@@ -41,6 +41,10 @@ class CoordinatorSettings(BaseSettings):
         description="longest long-poll of GET task (the wait parameter is cut to it)",
     )
     retry_after_s: float = Field(default=1.0, gt=0, description="suggested pause a wait task carries")
+    tls_certfile: Path | None = Field(
+        default=None, description="serve HTTPS with this PEM certificate (chain)"
+    )
+    tls_keyfile: Path | None = Field(default=None, description="the certificate's PEM private key")
     log_level: str = "info"
     crash_point: Literal["none", "after_update_commit"] = Field(
         default="none",
@@ -55,3 +59,9 @@ class CoordinatorSettings(BaseSettings):
         if v is not None and not v.get_secret_value():
             return None
         return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("give both tls_certfile and tls_keyfile (or neither)")
+        return self

@@ -64,6 +64,7 @@ def _service(settings: ClientSettings, name: str, url: str, token: str | None) -
             initial_s=settings.retry_initial_s,
             max_backoff_s=settings.retry_max_s,
         ),
+        verify=settings.ca_file or True,
     )
 
 
@@ -100,6 +101,7 @@ def client(
     poll_wait: float | None = typer.Option(None, help="long-poll seconds of GET task (default 30)"),
     retry_total: float | None = typer.Option(None, help="seconds one request is retried (default 600)"),
     log_level: str | None = typer.Option(None, help="debug | info | warning"),
+    ca_file: str | None = typer.Option(None, help="PEM bundle to verify the services' TLS certificates"),
 ) -> None:
     """Join a federated run as one site: train locally each round, upload, evaluate at the end."""
     settings = _settings(
@@ -116,6 +118,7 @@ def client(
         poll_wait_s=poll_wait,
         retry_total_s=retry_total,
         log_level=log_level,
+        ca_file=ca_file,
     )
     missing = [
         flag

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -124,6 +125,8 @@ class JsonService:
     sleep: Callable[[float], None] = time.sleep
     traffic: Traffic = field(default_factory=Traffic)
     seed: int | None = None
+    # TLS: True (the system's CAs), a PEM bundle path (a private CA or a self-signed certificate).
+    verify: bool | str = True
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -133,6 +136,9 @@ class JsonService:
         self._client = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
+            verify=ssl.create_default_context(cafile=self.verify)
+            if isinstance(self.verify, str)
+            else self.verify,
         )
         self._rng = random.Random(self.seed)
 

@@ -8,6 +8,7 @@ and stops them all (SIGTERM, then SIGKILL) however the simulation ends, Ctrl-C i
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,14 @@ class LocalFederation:
             started = http.post(f"/v1/runs/{run_id}/start")
             _check(started, "start the run")
             return RunInfo.model_validate_json(started.content)
+
+    def restart(self, name: str, down_s: float = 0.0) -> None:
+        """Stop the process called ``name`` and start it again with the same command (same port)
+        after ``down_s`` seconds: a service restart as the clients see it (fault tests)."""
+        proc = next(p for p in self.processes if p.name == name)
+        proc.stop()
+        time.sleep(down_s)
+        proc.start()
 
     def dead_services(self) -> list[ManagedProcess]:
         """Services (not clients) that have exited: the run cannot go on without them."""

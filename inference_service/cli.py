@@ -3,6 +3,7 @@ every install, also where torch and FastAPI are absent)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -29,6 +30,8 @@ def serve_model(
     ),
     threads: int | None = typer.Option(None, help="torch CPU threads"),
     log_level: str | None = typer.Option(None, help="uvicorn log level"),
+    tls_cert: Path | None = typer.Option(None, help="serve HTTPS: PEM certificate (with --tls-key)"),
+    tls_key: Path | None = typer.Option(None, help="serve HTTPS: PEM private key"),
 ) -> None:
     """Serve a model's soft-prompt scoring over HTTP (the API key comes from FEDBPT_API_KEY)."""
     from pydantic import ValidationError
@@ -50,6 +53,8 @@ def serve_model(
         "tensor_parallel_size": tensor_parallel_size,
         "threads": threads,
         "log_level": log_level,
+        "tls_certfile": tls_cert,
+        "tls_keyfile": tls_key,
     }
     try:
         settings = ServiceSettings(**{k: v for k, v in given.items() if v is not None})
@@ -73,4 +78,11 @@ def serve_model(
         typer.echo(f"fedbpt serve-model: cannot load {settings.model!r}: {exc}", err=True)
         raise typer.Exit(2) from exc
     app = create_app(settings, backend=loaded)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
+    )

@@ -3,9 +3,10 @@ the flags of ``fedbpt serve-model``. Light import: pydantic only."""
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 HeadName = Literal["mlm", "causal", "embedding"]
@@ -78,6 +79,10 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(default=None, description="bearer key for /v1/* (FEDBPT_API_KEY)")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    tls_certfile: Path | None = Field(
+        default=None, description="serve HTTPS with this PEM certificate (chain)"
+    )
+    tls_keyfile: Path | None = Field(default=None, description="the certificate's PEM private key")
     log_level: str = "info"
 
     @field_validator("device")
@@ -94,3 +99,9 @@ class ServiceSettings(BaseSettings):
         if v is not None and not v.get_secret_value():
             return None
         return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("give both tls_certfile and tls_keyfile (or neither)")
+        return self

@@ -186,12 +186,16 @@ def test_sigkill_with_a_round_open_and_its_deadline_passing_while_down(tmp_path:
         assert late.status_code == 409
 
 
-@pytest.mark.slow
-def test_random_sigkills_never_lose_or_repeat_an_update(tmp_path: Path) -> None:
+# 20 seeded trials: the first 3 in the default suite (CI), the rest in the slow suite.
+TRIALS = [pytest.param(seed, marks=pytest.mark.slow) if seed >= 3 else seed for seed in range(20)]
+
+
+@pytest.mark.parametrize("seed", TRIALS)
+def test_random_sigkills_never_lose_or_repeat_an_update(tmp_path: Path, seed: int) -> None:
     """Eight rounds of four clients with SIGKILLs at random moments (and at the crash point).
     Clients retry until acknowledged. At the end every acknowledged update is stored exactly once
     and the final state equals an uninterrupted replay of the stored rounds."""
-    rng = random.Random(3)
+    rng = random.Random(seed)
     n_rounds, n_clients = 8, 4
     with server(tmp_path) as s:
         s.start()
@@ -234,4 +238,4 @@ def test_random_sigkills_never_lose_or_repeat_an_update(tmp_path: Path) -> None:
             part = [contribution(cid, sent[(round_, cid)]) for cid, _ in sites]
             state = aggregate(config, state, part).state
         assert np.array_equal(prompt(s, run_id).z.numpy(), state.mean)
-        assert s.starts > 2
+        assert s.starts > 1  # the trial did kill the coordinator
