@@ -1,0 +1,82 @@
+"""schemathesis against both services' OpenAPI schemas, as real processes: no 5xx, and no stored
+change after a 4xx. Bounded: a few cases per operation in the default suite (CI), 500 in the slow one."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port, running
+from tests.reliability.fuzzing import fuzz
+
+ADMIN = "fuzz-admin-token"
+CASES = [8, pytest.param(500, marks=pytest.mark.slow)]
+
+
+def _dump(db: Path) -> list[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
+    db, port = tmp_path / "c.sqlite", free_port()
+    argv = fedbpt_command("serve-coordinator", "--db", str(db), "--port", str(port), "--log-level", "warning")
+    proc = ManagedProcess("serve-coordinator", argv, tmp_path / "c.log", env={"FEDBPT_ADMIN_TOKEN": ADMIN})
+    url = f"http://127.0.0.1:{port}"
+    with running(proc, ready_url=f"{url}/healthz", timeout=120):
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        run_id = httpx.post(f"{url}/v1/runs", json={"rounds": 2}, headers=admin).json()["run_id"]
+        httpx.post(f"{url}/v1/runs/{run_id}/clients", json={"name": "site"}, headers=admin)
+        yield url, db, run_id
+
+
+@pytest.fixture(scope="module")
+def model_url(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    argv = fedbpt_command(
+        "serve-model",
+        "--model",
+        str(tiny_bert),
+        "--port",
+        str(port),
+        "--max-rows",
+        "256",
+        "--log-level",
+        "warning",
+    )
+    proc = ManagedProcess("serve-model", argv, tmp_path_factory.mktemp("fuzz-model") / "m.log")
+    url = f"http://127.0.0.1:{port}"
+    with running(proc, ready_url=f"{url}/readyz", timeout=180):
+        yield url
+
+
+@pytest.mark.parametrize("cases", CASES)
+def test_coordinator_never_5xx_and_4xx_changes_nothing(
+    coordinator: tuple[str, Path, str], cases: int
+) -> None:
+    url, db, run_id = coordinator
+    seen = fuzz(
+        url,
+        {"Authorization": f"Bearer {ADMIN}"},
+        cases,
+        state=lambda: _dump(db),
+        path_parameters={"run_id": run_id, "round_": "0"},
+        query={"/v1/runs/{run_id}/task": {"wait": 0}},  # no long-poll per case
+    )
+    assert len(seen) >= 14, seen  # every route of the contract was exercised
+    assert any(s < 300 for s in seen["POST /v1/runs"])  # valid bodies were generated too
+
+
+@pytest.mark.parametrize("cases", CASES)
+def test_inference_service_never_5xx(model_url: str, cases: int) -> None:
+    seen = fuzz(model_url, {}, cases)
+    assert {"POST /v1/score", "POST /v1/tokenize", "GET /v1/model"} <= set(seen), seen
+    assert httpx.get(f"{model_url}/readyz", timeout=30).status_code == 200  # still serving
