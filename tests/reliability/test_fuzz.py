@@ -12,6 +12,7 @@ import pytest
 
 from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port, running
 from tests.reliability.fuzzing import fuzz
+from tests.reliability.load import save
 
 ADMIN = "fuzz-admin-token"
 CASES = [8, pytest.param(500, marks=pytest.mark.slow)]
@@ -60,7 +61,7 @@ def model_url(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.mark.parametrize("cases", CASES)
 def test_coordinator_never_5xx_and_4xx_changes_nothing(
-    coordinator: tuple[str, Path, str], cases: int
+    coordinator: tuple[str, Path, str], cases: int, test_output: Path
 ) -> None:
     url, db, run_id = coordinator
     seen = fuzz(
@@ -71,12 +72,20 @@ def test_coordinator_never_5xx_and_4xx_changes_nothing(
         path_parameters={"run_id": run_id, "round_": "0"},
         query={"/v1/runs/{run_id}/task": {"wait": 0}},  # no long-poll per case
     )
+    save(
+        {"cases_per_operation": cases, "statuses": seen},
+        test_output / "reliability" / f"fuzz_coordinator_{cases}.json",
+    )
     assert len(seen) >= 14, seen  # every route of the contract was exercised
     assert any(s < 300 for s in seen["POST /v1/runs"])  # valid bodies were generated too
 
 
 @pytest.mark.parametrize("cases", CASES)
-def test_inference_service_never_5xx(model_url: str, cases: int) -> None:
+def test_inference_service_never_5xx(model_url: str, cases: int, test_output: Path) -> None:
     seen = fuzz(model_url, {}, cases)
+    save(
+        {"cases_per_operation": cases, "statuses": seen},
+        test_output / "reliability" / f"fuzz_service_{cases}.json",
+    )
     assert {"POST /v1/score", "POST /v1/tokenize", "GET /v1/model"} <= set(seen), seen
     assert httpx.get(f"{model_url}/readyz", timeout=30).status_code == 200  # still serving
