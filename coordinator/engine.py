@@ -140,6 +140,11 @@ class Engine:
 
     # ----- runs -----
     def create_run(self, config: RunConfig) -> str:
+        if config.dim > self.settings.max_intrinsic_dim:
+            raise BadRequest(
+                f"intrinsic_dim {config.dim} is over this coordinator's limit of {self.settings.max_intrinsic_dim} "
+                "(the server keeps a d x d covariance per run; raise FEDBPT_COORDINATOR_MAX_INTRINSIC_DIM to allow it)"
+            )
         run_id = auth.new_id("run")
         now = self.clock()
         if config.aggregator == "fedavg":

@@ -41,6 +41,12 @@ class CoordinatorSettings(BaseSettings):
         description="longest long-poll of GET task (the wait parameter is cut to it)",
     )
     retry_after_s: float = Field(default=1.0, gt=0, description="suggested pause a wait task carries")
+    max_intrinsic_dim: int = Field(
+        default=4096,
+        ge=1,
+        description="largest d a run may ask for: the server keeps a d x d covariance (and its "
+        "eigendecomposition, O(d^3)) per run; larger runs are refused with 400",
+    )
     tls_certfile: Path | None = Field(
         default=None, description="serve HTTPS with this PEM certificate (chain)"
     )

@@ -515,3 +515,16 @@ def test_client_summaries_for_the_dashboard(coord: Coordinator) -> None:
     )
     assert coord.http.get(f"/v1/runs/{run_id}/clients", headers=a.headers).status_code == 403
     assert coord.http.get("/v1/runs/run-nope/clients", headers=ADMIN_HEADERS).status_code == 404
+
+
+def test_a_run_too_large_to_hold_is_refused_and_nothing_is_stored(coord: Coordinator) -> None:
+    before = coord.dump()
+    r = coord.http.post("/v1/runs", json={"projection": {"intrinsic_dim": 100_000}}, headers=ADMIN_HEADERS)
+    assert r.status_code == 400 and "intrinsic_dim 100000" in r.json()["detail"]
+    assert coord.dump() == before
+    assert (
+        coord.http.post(
+            "/v1/runs", json={"projection": {"intrinsic_dim": 4096}}, headers=ADMIN_HEADERS
+        ).status_code
+        == 201
+    )
