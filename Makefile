@@ -10,7 +10,7 @@ DATA ?= ../shared/data
 OUT ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: bench-vllm dashboard help setup test test-fast test-slow test-vllm setup-vllm lint bench demo reliability experiments clean
+.PHONY: bench-vllm dashboard help setup test test-fast test-slow test-vllm setup-vllm lint bench demo reliability experiments experiments-report clean
 
 help:
 	@echo "make demo         set up .venv and run a federated SST-2 run on the embedded MiniLM (the main job)"
@@ -22,7 +22,8 @@ help:
 	@echo "make bench-vllm   rows/s of the vLLM backend vs the transformers backend on the same model"
 	@echo "make test-slow    long fault, property and load trials"
 	@echo "make reliability  run the reliability trials and write docs/reliability.md"
-	@echo "make experiments  run the results grid and write docs/results.md"
+	@echo "make experiments  run the results grid and write docs/results.md (resumes; hours on 2 CPU cores)"
+	@echo "make experiments-report  rewrite docs/results.md from experiments/results/*.json"
 
 setup: $(STAMP)
 
@@ -84,8 +85,16 @@ reliability: setup
 	$(BIN)/python -m pytest -q $(RELIABILITY_TESTS) --junitxml=test-output/reliability.xml $(PYTEST_ARGS)
 	$(BIN)/python benchmarks/reliability_report.py --junit test-output/reliability.xml --out docs/reliability.md
 
+# The results grid (docs/results.md). Resumes: cells already in experiments/results/ are skipped.
+# JOBS black-box cells at a time, REPLICAS inference service processes (see docs/results.md).
+JOBS ?= 1
+REPLICAS ?= 1
 experiments: setup
-	$(BIN)/fedbpt experiment experiments/grid.yaml --data $(DATA) --out $(OUT)/experiments
+	$(BIN)/fedbpt experiment experiments/grid.yaml --data $(DATA) --out $(OUT)/experiments --jobs $(JOBS) --replicas $(REPLICAS)
+
+# docs/results.md again from the committed records, running nothing.
+experiments-report: setup
+	$(BIN)/fedbpt experiment experiments/grid.yaml --report-only
 
 # Refresh the dashboard's front-end dependencies from the npm registry into coordinator/dashboard/static/vendor
 # (committed, so a Python-only install of the coordinator serves the page without Node.js).

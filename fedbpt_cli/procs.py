@@ -33,6 +33,11 @@ def fedbpt_command(*args: str, python: str | None = None) -> list[str]:
     return [python or sys.executable, "-m", "fedbpt_cli.main", *args]
 
 
+def python_module_command(module: str, *args: str, python: str | None = None) -> list[str]:
+    """``python -m module args`` with this interpreter (or ``python``)."""
+    return [python or sys.executable, "-m", module, *args]
+
+
 class ManagedProcess:
     """One child process with its output in a log file.
 

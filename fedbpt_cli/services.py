@@ -57,12 +57,19 @@ class LocalFederation:
         self.processes.append(proc)
         return proc
 
-    def start_services(self, ready_timeout: float = 300.0) -> None:
-        """Start the model service and the coordinator and wait until both answer."""
-        model_port, coord_port = free_port(), free_port()
-        self.model_url = f"http://127.0.0.1:{model_port}"
+    def start_services(self, ready_timeout: float = 300.0, model_url: str | None = None) -> None:
+        """Start the model service and the coordinator and wait until both answer. With
+        ``model_url`` the federation uses that running service (one service shared by many runs:
+        the experiment runner) and starts only the coordinator."""
+        coord_port = free_port()
         self.coordinator_url = f"http://127.0.0.1:{coord_port}"
-        model = self._start("serve-model", self.model_server.argv(model_port))
+        model = None
+        if model_url is None:
+            model_port = free_port()
+            self.model_url = f"http://127.0.0.1:{model_port}"
+            model = self._start("serve-model", self.model_server.argv(model_port))
+        else:
+            self.model_url = model_url.rstrip("/")
         db = self.workdir / "coordinator.sqlite"
         coordinator = self._start(
             "serve-coordinator",
@@ -72,7 +79,8 @@ class LocalFederation:
             env={"FEDBPT_ADMIN_TOKEN": self.admin_token},
         )
         coordinator.wait_http(f"{self.coordinator_url}/healthz", timeout=ready_timeout)
-        model.wait_http(f"{self.model_url}/readyz", timeout=ready_timeout)
+        if model is not None:
+            model.wait_http(f"{self.model_url}/readyz", timeout=ready_timeout)
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.coordinator_url, headers=self.admin_headers, timeout=60)

@@ -18,6 +18,7 @@ from fed_clients.model_api import ModelService
 from fed_clients.presets import resolve_config
 from fed_clients.transport import JsonService
 from fedbpt_cli import federation_data, watch
+from fedbpt_cli.peak_rss import PeakRssWatcher
 from fedbpt_cli.report import write_report
 from fedbpt_cli.services import LocalFederation, ModelServer, SimulationError
 from protos import PromptResponse, RunConfig
@@ -58,6 +59,12 @@ class Simulation:
     label_column: str = "label"
     overwrite: bool = False
     console: Console | None = None
+    # A running inference service to use instead of starting one (experiments share one service).
+    model_url: str | None = None
+    # Score the no-prompt baseline first (experiments score it once per dataset instead).
+    zero_shot: bool = True
+    # The interpreter of the client processes (None: this one), e.g. a client-only environment.
+    client_python: str | None = None
 
     def run(self) -> int:
         console = self.console or Console()
@@ -69,7 +76,9 @@ class Simulation:
         except (DataError, SimulationError) as exc:
             console.print(f"[red]error:[/] {exc}")
             return EXIT_FAILED
-        federation = LocalFederation(self.out, ModelServer(self.model, self.head))
+        federation = LocalFederation(
+            self.out, ModelServer(self.model, self.head), client_python=self.client_python
+        )
         try:
             return self._run(federation, files, console, started)
         except KeyboardInterrupt:
@@ -114,16 +123,18 @@ class Simulation:
         started: float,
     ) -> int:
         with console.status("starting the inference service and the coordinator"):
-            federation.start_services()
+            federation.start_services(model_url=self.model_url)
         console.print(f"inference service {federation.model_url}; coordinator {federation.coordinator_url}")
         # The fragment never reaches the server; the page keeps the token for its tab only.
         console.print(f"dashboard: {federation.coordinator_url}/#token={federation.admin_token}")
         (self.out / "admin_token").write_text(federation.admin_token + "\n")
         (self.out / "admin_token").chmod(0o600)
 
-        with console.status("scoring the zero-shot baseline (no prompt)"):
-            zero_shot = self._zero_shot(federation.model_url, files)
-        console.print(f"zero-shot accuracy: {zero_shot:.4f}")
+        zero_shot = None
+        if self.zero_shot:
+            with console.status("scoring the zero-shot baseline (no prompt)"):
+                zero_shot = self._zero_shot(federation.model_url, files)
+            console.print(f"zero-shot accuracy: {zero_shot:.4f}")
 
         run_id, tokens = federation.create_run(self.config, self.sites)
         for k, token in enumerate(tokens):
@@ -139,7 +150,8 @@ class Simulation:
                 codes = [c.returncode() for c in federation.clients]
                 raise SimulationError(f"every client exited before the run ended (exit codes {codes})")
 
-        with federation.admin() as http:
+        client_pids = [c.pid for c in federation.clients]
+        with federation.admin() as http, PeakRssWatcher(lambda: client_pids) as memory:
             info, rounds = watch.follow(http, run_id, console, check)
             self._wait_for_clients(federation, console)
             info, rounds = watch.fetch(http, run_id)
@@ -154,7 +166,7 @@ class Simulation:
             info,
             rounds,
             prompt,
-            self._description(federation, files),
+            {**self._description(federation, files), "client_peak_rss_bytes": memory.max_bytes},
             zero_shot_accuracy=zero_shot,
             wall_seconds=time.monotonic() - started,
         )

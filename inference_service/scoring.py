@@ -220,7 +220,7 @@ class Scorer:
                     score_index=[p.seqs.score_index[r % p.num_inputs] for p, r, _ in rows],
                     label_ids=list(task.label_ids) if task.label_ids is not None else None,
                 )
-                logits = self._logits(batch, task)
+                logits = self.logits(batch, task)
                 for i, (_, r, k) in enumerate(rows):
                     outs[k][r] = logits[i]
                 chunk_padded = len(batch) * batch.longest
@@ -242,15 +242,15 @@ class Scorer:
             )
         return responses
 
-    def _logits(self, batch: RowBatch, task: CompiledTask) -> torch.Tensor:
+    def logits(self, batch: RowBatch, task: CompiledTask) -> torch.Tensor:
         if task.head != "embedding":
             return self.backend.label_logits(batch)
-        anchors = self._anchors(task)
+        anchors = self.anchor_embeddings(task)
         pooled = torch.nn.functional.normalize(self.backend.sentence_embeddings(batch), dim=-1)
         cos = pooled @ anchors.to(pooled.device).T
         return (self.settings.embedding_logit_scale * cos).float().cpu()
 
-    def _anchors(self, task: CompiledTask) -> torch.Tensor:
+    def anchor_embeddings(self, task: CompiledTask) -> torch.Tensor:
         """The label anchors' embeddings (no prompt), normalised, computed once per task."""
         cached = task.cache.get("anchors")
         if cached is None:

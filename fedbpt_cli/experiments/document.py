@@ -1,0 +1,235 @@
+"""docs/results.md and its plots, written from the cell records (and nothing else)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedbpt_cli.experiments import tables
+from fedbpt_cli.experiments.grid import LABELS, METHODS, Grid, partition_name
+from fedbpt_cli.experiments.records import CellResult
+from fedbpt_cli.experiments.runner import MEMORY_RECORD
+
+PARTITION_TITLES = {"iid": "IID", "all": "(split-free)"}
+
+
+def partition_title(p: str) -> str:
+    return PARTITION_TITLES.get(p, f"Dirichlet α={p[3:]}" if p.startswith("dir") else p)
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:,.1f} MB"
+
+
+def _bytes(value: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if value >= size:
+            return f"{value / size:,.1f} {unit}"
+    return f"{value:,.0f} B"
+
+
+def plot_curves(grid: Grid, records: Sequence[CellResult], folder: Path) -> list[Path]:
+    """One PNG per dataset: a panel per partition, mean accuracy per global state (± std shaded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = tables.mean_curves(records)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    partitions = [partition_name(p) for p in grid.partitions]
+    for dataset in grid.datasets:
+        fig, axes = plt.subplots(1, len(partitions), figsize=(5.2 * len(partitions), 4.2), squeeze=False)
+        for ax, part in zip(axes[0], partitions, strict=True):
+            for method in METHODS:
+                key = (dataset, "all" if method in ("zero_shot", "centralized_bbt") else part, method)
+                if key not in curves:
+                    continue
+                states, means, stds = curves[key]
+                if method == "zero_shot":
+                    ax.axhline(means[0], color="grey", ls="--", label=LABELS[method])
+                    continue
+                line = ax.plot(states, means, marker="o", ms=3, label=LABELS[method])[0]
+                lo = [m - s for m, s in zip(means, stds, strict=True)]
+                hi = [m + s for m, s in zip(means, stds, strict=True)]
+                ax.fill_between(states, lo, hi, color=line.get_color(), alpha=0.15)
+            ax.set(
+                title=f"{dataset}, {partition_title(part)}",
+                xlabel="round (global state)",
+                ylabel="test accuracy",
+            )
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(loc="lower right", fontsize=7)
+        fig.tight_layout()
+        path = folder / f"{dataset}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def accuracy_section(
+    grid: Grid, records: Sequence[CellResult], plots: dict[str, Path], doc: Path
+) -> list[str]:
+    stats = tables.accuracy_stats(records)
+    partitions = [partition_name(p) for p in grid.partitions]
+    lines = []
+    for dataset in grid.datasets:
+        sizes = {r.test_size for r in records if r.cell.dataset == dataset and r.status == "ok"}
+        lines += [
+            f"### {dataset} (test set: {', '.join(str(s) for s in sorted(sizes)) or '?'} examples)",
+            "",
+            "Test accuracy in %, mean ± std over seeds; **best** = the best evaluated round, "
+            "**final** = the prompt after the last round. Split-free methods have one value per row.",
+            "",
+            "| method | "
+            + " | ".join(f"{partition_title(p)} best | {partition_title(p)} final" for p in partitions)
+            + " | seeds |",
+            "|---|" + "---:|---:|" * len(partitions) + "---:|",
+        ]
+        for method in grid.methods:
+            cells, seeds = [], 0
+            for part in partitions:
+                key = (dataset, "all" if method in ("zero_shot", "centralized_bbt") else part, method)
+                best, final = stats.get(key, (None, None))
+                cells += [best.pct() if best else "–", final.pct() if final else "–"]
+                seeds = max(seeds, best.n if best else 0)
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {seeds} |")
+        if dataset in plots:
+            lines += [
+                "",
+                f"![accuracy per round, {dataset}]({plots[dataset].relative_to(doc.parent).as_posix()})",
+            ]
+        lines.append("")
+    return lines
+
+
+LINKS = ("coordinator_to_client", "client_to_coordinator", "client_to_service", "service_to_client")
+
+
+def communication_section(grid: Grid, records: Sequence[CellResult]) -> list[str]:
+    prompt_length = int(grid.run.get("projection", {}).get("prompt_length", 50))
+    lines = [
+        "Measured on the wire (HTTP bodies), mean bytes per client per round over the finished cells. "
+        "For the white-box baseline, which runs in process, the size of the JSON body that would carry "
+        f"its L x hidden prompt (L = {prompt_length}) each way in our protocol:",
+        "",
+        "| dataset | method | coordinator → client | client → coordinator | client → service | service → client |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for dataset in grid.datasets:
+        ds = [r for r in records if r.cell.dataset == dataset]
+        for method in grid.methods:
+            measured = tables.measured_bytes(ds, method)
+            if measured:
+                cols = " | ".join(f"{measured[k]:,.0f}" if k in measured else "–" for k in LINKS)
+                lines.append(f"| {dataset} | {LABELS[method]} | {cols} |")
+    # Perturbation changes only what a client asks the service; the coordinator link is the same.
+    source = next((m for m in ("fedbpt", "fedbpt_no_perturb") if tables.measured_bytes(records, m)), None)
+    if source is None:
+        return [*lines, "", "No finished FedBPT cell yet: no reduction factors.", ""]
+    fedbpt = tables.measured_bytes(records, source)
+    lines += [
+        "",
+        f"FedBPT's client ↔ coordinator traffic (measured, {LABELS[source]}) does not depend on the model: "
+        "it carries z in R^d, the step size and the d x d covariance down, and the local mean, its "
+        "fitness and the step sizes up. Against each model's FedAvg full fine-tuning (every float32 weight "
+        f"down and up per round) and FedPrompt (the L x hidden float32 prompt down and up, L = {prompt_length}):",
+        "",
+        "| model | FedAvg full FT | FedPrompt | FedPrompt, L = 50 | FedBPT measured | FedAvg / FedBPT "
+        "| FedAvg up / FedBPT up | FedPrompt / FedBPT | FedPrompt L = 50 / FedBPT |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in tables.communication(fedbpt, prompt_length):
+        lines.append(
+            f"| {row.model} | {_bytes(row.fedavg_bytes)} | {_bytes(row.fedprompt_bytes)} | "
+            f"{_bytes(row.fedprompt_paper_bytes)} | {_bytes(row.fedbpt_bytes)} | {row.vs_fedavg:,.0f}x | "
+            f"{row.up_vs_fedavg:,.0f}x | {row.vs_fedprompt:,.2f}x | "
+            f"{row.fedprompt_paper_bytes / row.fedbpt_bytes:,.2f}x |"
+        )
+    lines.append("")
+    return lines
+
+
+def memory_section(records: Sequence[CellResult], records_dir: Path) -> list[str]:
+    peaks = tables.client_peak_rss(records)
+    memory_path = records_dir / MEMORY_RECORD
+    whitebox = json.loads(memory_path.read_text()) if memory_path.exists() else {}
+    wb = whitebox.get("whitebox_client_peak_rss_bytes")
+    lines = ["| client | where measured | peak RSS |", "|---|---|---:|"]
+    for machine, peak in sorted(peaks.items()):
+        lines.append(
+            f"| fedbpt client (`fedbpt client` process: data, pycma, HTTP; the largest of every black-box "
+            f"cell's clients) | {machine} | {_mb(peak)} |"
+        )
+    lines.append(
+        "| white-box client (MiniLM in memory, one local round of backpropagation to the prompt, CPU) | "
+        f"{whitebox.get('machine', '-')} | {_mb(wb)} |"
+    )
+    same = peaks.get(whitebox.get("machine", ""))
+    if same and wb:
+        lines += ["", f"Ratio white-box / fedbpt on the same machine: **{wb / same:.1f}x**."]
+    lines.append("")
+    return lines
+
+
+def budget_section(grid: Grid, records: Sequence[CellResult]) -> list[str]:
+    rows = tables.query_budget(records)
+    walls = tables.wall_seconds(records)
+    devices = sorted({d for d, _, _ in walls})
+    lines = [
+        "| dataset | method | model rows scored for training per run | "
+        + " | ".join(f"wall time per run, model on {d}" for d in devices)
+        + " |",
+        "|---|---|---:|" + "---:|" * len(devices),
+    ]
+    for dataset in grid.datasets:
+        for method in grid.methods:
+            r = rows.get((dataset, method))
+            w = [walls.get((d, dataset, method)) for d in devices]
+            if r is None and not any(w):
+                continue
+            rows_text = f"{r.mean:,.0f}" if r else "–"
+            wall_text = " | ".join(f"{x.mean:,.0f} s (n={x.n})" if x else "–" for x in w)
+            lines.append(f"| {dataset} | {LABELS[method]} | {rows_text} | {wall_text} |")
+    machines = sorted({f"{r.machine}, model on {r.device}" for r in records if r.status == "ok"})
+    lines += ["", f"Machines of these records: {'; '.join(machines)}.", ""]
+    return lines
+
+
+def write_document(
+    grid: Grid,
+    records: Sequence[CellResult],
+    records_dir: Path,
+    doc: Path,
+    preface: Path | None = None,
+    discussion: Path | None = None,
+) -> Path:
+    plot_paths = plot_curves(grid, records, doc.parent / "results")
+    plots = {p.stem: p for p in plot_paths}
+    failed = [r.cell.key for r in records if r.status != "ok"]
+    lines = [
+        "# Results: FedBPT and its baselines, measured",
+        "",
+        "<!-- Generated by `fedbpt experiment` from experiments/results/*.json; do not edit by hand. -->",
+        "",
+    ]
+    if preface and preface.exists():
+        lines += [preface.read_text().rstrip(), ""]
+    lines += ["## Accuracy", ""]
+    lines += accuracy_section(grid, records, plots, doc)
+    lines += ["## Communication", ""]
+    lines += communication_section(grid, records)
+    lines += ["## Client memory", ""]
+    lines += memory_section(records, records_dir)
+    lines += ["## Query budget and time", ""]
+    lines += budget_section(grid, records)
+    if failed:
+        lines += ["## Cells that failed", "", *[f"- {k}" for k in failed], ""]
+    if discussion and discussion.exists():
+        lines += [discussion.read_text().rstrip(), ""]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines))
+    return doc

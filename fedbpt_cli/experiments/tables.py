@@ -1,0 +1,152 @@
+"""Numbers of docs/results.md computed from the cell records: mean +- std over seeds, the
+communication comparison and the memory comparison. Pure functions of the records."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fedbpt_cli.experiments.records import CellResult
+
+# Reference models of the communication table: parameters and hidden size (from their configs).
+# MiniLM's count is the embedded model's own; the others are the published architectures.
+MODELS: dict[str, tuple[int, int]] = {
+    "all-MiniLM-L6-v2": (22_713_216, 384),
+    "RoBERTa-large": (355_359_744, 1024),
+    "Llama-2-7B": (6_738_415_616, 4096),
+}
+FLOAT32 = 4
+PAPER_PROMPT_LENGTH = 50
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float
+    n: int
+
+    def pct(self) -> str:
+        if self.n == 1:
+            return f"{100 * self.mean:.2f}"
+        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}"
+
+
+def stat(values: Sequence[float]) -> Stat | None:
+    if not values:
+        return None
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return Stat(statistics.fmean(values), std, len(values))
+
+
+def accuracy_stats(
+    records: Sequence[CellResult],
+) -> dict[tuple[str, str, str], tuple[Stat | None, Stat | None]]:
+    """(dataset, partition, method) -> (best-round accuracy, final-round accuracy) over seeds."""
+    best: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    final: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in records:
+        if r.status != "ok":
+            continue
+        key = (r.cell.dataset, r.cell.partition, r.cell.method)
+        if r.best_accuracy is not None:
+            best[key].append(r.best_accuracy)
+        if r.final_accuracy is not None:
+            final[key].append(r.final_accuracy)
+    return {k: (stat(best[k]), stat(final.get(k, []))) for k in best}
+
+
+def mean_curves(
+    records: Sequence[CellResult],
+) -> dict[tuple[str, str, str], tuple[list[int], list[float], list[float]]]:
+    """(dataset, partition, method) -> (states, mean accuracy, std) over the seeds that have the state."""
+    points: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.status == "ok":
+            for state, acc in r.curve:
+                points[(r.cell.dataset, r.cell.partition, r.cell.method)][state].append(acc)
+    out = {}
+    for key, by_state in points.items():
+        states = sorted(by_state)
+        means = [statistics.fmean(by_state[s]) for s in states]
+        stds = [statistics.stdev(by_state[s]) if len(by_state[s]) > 1 else 0.0 for s in states]
+        out[key] = (states, means, stds)
+    return out
+
+
+def measured_bytes(records: Sequence[CellResult], method: str) -> dict[str, float]:
+    """Mean bytes per client per round on each link over a method's finished cells."""
+    per: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if r.status == "ok" and r.cell.method == method:
+            for link, value in r.bytes_per_client_per_round.items():
+                per[link].append(value)
+    return {link: statistics.fmean(v) for link, v in per.items()}
+
+
+@dataclass(frozen=True)
+class CommRow:
+    model: str
+    fedavg_bytes: int  # full fine-tuning: every weight down and up, float32
+    fedprompt_bytes: int  # the L x hidden prompt down and up, float32 (raw, no encoding)
+    fedprompt_paper_bytes: int  # the same at the paper's L = 50
+    fedbpt_bytes: float  # measured, client <-> coordinator, both directions
+    fedbpt_up_bytes: float  # measured, client -> coordinator
+
+    @property
+    def vs_fedavg(self) -> float:
+        return self.fedavg_bytes / self.fedbpt_bytes
+
+    @property
+    def up_vs_fedavg(self) -> float:
+        return (self.fedavg_bytes / 2) / self.fedbpt_up_bytes
+
+    @property
+    def vs_fedprompt(self) -> float:
+        return self.fedprompt_bytes / self.fedbpt_bytes
+
+
+def communication(fedbpt: dict[str, float], prompt_length: int) -> list[CommRow]:
+    """FedBPT's measured coordinator traffic does not depend on the model (only on d), so the
+    same measured figure stands against each model's FedAvg and FedPrompt traffic."""
+    both = fedbpt.get("coordinator_to_client", 0.0) + fedbpt.get("client_to_coordinator", 0.0)
+    up = fedbpt.get("client_to_coordinator", 0.0)
+    return [
+        CommRow(
+            model=name,
+            fedavg_bytes=2 * params * FLOAT32,
+            fedprompt_bytes=2 * prompt_length * hidden * FLOAT32,
+            fedprompt_paper_bytes=2 * PAPER_PROMPT_LENGTH * hidden * FLOAT32,
+            fedbpt_bytes=both,
+            fedbpt_up_bytes=up,
+        )
+        for name, (params, hidden) in MODELS.items()
+    ]
+
+
+def client_peak_rss(records: Sequence[CellResult]) -> dict[str, int]:
+    """Where the cells ran -> the largest peak RSS of any of their fedbpt client processes."""
+    out: dict[str, int] = {}
+    for r in records:
+        if r.status == "ok" and r.client_peak_rss_bytes:
+            out[r.machine] = max(out.get(r.machine, 0), r.client_peak_rss_bytes)
+    return out
+
+
+def query_budget(records: Sequence[CellResult]) -> dict[tuple[str, str], Stat | None]:
+    """(dataset, method) -> model rows scored for training per run, over cells."""
+    rows: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in records:
+        if r.status == "ok" and r.model_rows:
+            rows[(r.cell.dataset, r.cell.method)].append(float(r.model_rows))
+    return {k: stat(v) for k, v in rows.items()}
+
+
+def wall_seconds(records: Sequence[CellResult]) -> dict[tuple[str, str, str], Stat | None]:
+    """(where it ran, dataset, method) -> wall seconds per cell."""
+    out: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in records:
+        if r.status == "ok":
+            out[(r.device, r.cell.dataset, r.cell.method)].append(r.wall_seconds)
+    return {k: stat(v) for k, v in out.items()}

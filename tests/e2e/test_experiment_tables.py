@@ -1,0 +1,81 @@
+"""The numbers of docs/results.md from hand-made records: grouping, mean ± std, factors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedbpt_cli.experiments import tables
+from fedbpt_cli.experiments.grid import Cell, Grid, cells, load_grid
+from fedbpt_cli.experiments.records import CellResult, best_and_final, finished, read_records, write_record
+
+
+def result(method: str, seed: int, best: float, final: float, part: str = "iid", **kw: object) -> CellResult:
+    cell = Cell(dataset="d", partition=part, method=method, seed=seed)  # type: ignore[arg-type]
+    return CellResult(
+        cell=cell, curve=[(0, 0.5), (1, best), (2, final)], best_accuracy=best, final_accuracy=final, **kw
+    )  # type: ignore[arg-type]
+
+
+def test_mean_and_sample_std_over_seeds() -> None:
+    records = [result("fedbpt", s, b, f) for s, (b, f) in enumerate([(0.8, 0.7), (0.9, 0.8), (0.7, 0.6)])]
+    records.append(result("fedbpt", 3, 0.1, 0.1, part="dir0.5"))
+    records.append(
+        CellResult(cell=Cell(dataset="d", partition="iid", method="fedbpt", seed=9), status="failed")
+    )
+    best, final = tables.accuracy_stats(records)[("d", "iid", "fedbpt")]
+    assert best is not None and final is not None
+    assert (best.mean, best.n) == (pytest.approx(0.8), 3)
+    assert best.std == pytest.approx(0.1)  # sample std of 0.7, 0.8, 0.9
+    assert final.mean == pytest.approx(0.7)
+    assert best.pct() == "80.00 ± 10.00"
+    states, means, stds = tables.mean_curves(records)[("d", "iid", "fedbpt")]
+    assert states == [0, 1, 2] and means[0] == pytest.approx(0.5) and stds[0] == 0.0
+
+
+def test_communication_factors_come_from_the_measured_bytes() -> None:
+    rows = tables.communication(
+        {"coordinator_to_client": 3000.0, "client_to_coordinator": 1000.0}, prompt_length=5
+    )
+    mini = rows[0]
+    assert mini.model == "all-MiniLM-L6-v2"
+    assert mini.fedavg_bytes == 2 * 22_713_216 * 4
+    assert mini.fedprompt_bytes == 2 * 5 * 384 * 4
+    assert mini.vs_fedavg == pytest.approx(2 * 22_713_216 * 4 / 4000)
+    assert mini.up_vs_fedavg == pytest.approx(22_713_216 * 4 / 1000)
+
+
+def test_best_and_final() -> None:
+    assert best_and_final([(0, 0.5), (2, 0.7), (4, 0.6)], rounds=4) == (0.7, 2, 0.6)
+    # A run cut short has no final state.
+    assert best_and_final([(0, 0.5), (2, 0.7)], rounds=4) == (0.7, 2, None)
+    assert best_and_final([], rounds=3) == (None, None, None)
+
+
+def test_cells_are_seed_major_and_split_free_methods_run_once(tmp_path: Path) -> None:
+    grid = Grid.model_validate(
+        {"seeds": [0, 1], "partitions": ["iid", 0.5], "datasets": {"a": {"data": "a"}, "b": {"data": "b"}}}
+    )
+    out = cells(grid)
+    assert len(out) == 2 + 2 * 2 * (1 + 2 * 4)
+    assert [c.method for c in out[:2]] == ["zero_shot", "zero_shot"]
+    seeds = [c.seed for c in out[2:] if c.seed is not None]
+    assert len(seeds) == len(out) - 2
+    assert seeds == sorted(seeds)  # every seed-0 cell before any seed-1 cell
+    assert Cell(dataset="a", partition="dir0.5", method="fedbpt", seed=0).alpha == 0.5
+    path = tmp_path / "grid.yaml"
+    path.write_text("datasets: {a: {data: a}}\nmethods: [fedbpt, magic]\n")
+    with pytest.raises(ValueError, match="magic"):
+        load_grid(path)
+
+
+def test_records_are_whole_and_a_failed_cell_is_run_again(tmp_path: Path) -> None:
+    ok = result("fedbpt", 0, 0.8, 0.7)
+    failed = CellResult(cell=Cell(dataset="d", partition="iid", method="fedavg_bbt", seed=0), status="failed")
+    write_record(tmp_path, ok)
+    write_record(tmp_path, failed)
+    assert finished(tmp_path, ok.cell) and not finished(tmp_path, failed.cell)
+    assert not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "_memory.json").write_text("{}")  # side record, not a cell
+    assert {r.cell.key for r in read_records(tmp_path)} == {ok.cell.key, failed.cell.key}
