@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedbpt_cli.experiments import tables
-from fedbpt_cli.experiments.grid import LABELS, METHODS, Grid, partition_name
+from fedbpt_cli.experiments.grid import LABELS, METHODS, Grid, cells, partition_name
 from fedbpt_cli.experiments.records import CellResult
 from fedbpt_cli.experiments.runner import MEMORY_RECORD
 
@@ -51,18 +52,23 @@ def plot_curves(grid: Grid, records: Sequence[CellResult], folder: Path) -> list
                 if method == "zero_shot":
                     ax.axhline(means[0], color="grey", ls="--", label=LABELS[method])
                     continue
-                line = ax.plot(states, means, marker="o", ms=3, label=LABELS[method])[0]
+                color = f"C{METHODS.index(method)}"  # one colour per method in every panel
+                ax.plot(states, means, marker="o", ms=3, color=color, label=LABELS[method])
                 lo = [m - s for m, s in zip(means, stds, strict=True)]
                 hi = [m + s for m, s in zip(means, stds, strict=True)]
-                ax.fill_between(states, lo, hi, color=line.get_color(), alpha=0.15)
+                ax.fill_between(states, lo, hi, color=color, alpha=0.15)
             ax.set(
                 title=f"{dataset}, {partition_title(part)}",
                 xlabel="round (global state)",
                 ylabel="test accuracy",
             )
             ax.grid(alpha=0.3)
-        axes[0][0].legend(loc="lower right", fontsize=7)
-        fig.tight_layout()
+        handles: dict[str, Any] = {}
+        for ax in axes[0]:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, handle)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         path = folder / f"{dataset}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -158,19 +164,22 @@ def memory_section(records: Sequence[CellResult], records_dir: Path) -> list[str
     memory_path = records_dir / MEMORY_RECORD
     whitebox = json.loads(memory_path.read_text()) if memory_path.exists() else {}
     wb = whitebox.get("whitebox_client_peak_rss_bytes")
-    lines = ["| client | where measured | peak RSS |", "|---|---|---:|"]
-    for machine, peak in sorted(peaks.items()):
+    lines = ["| client | environment | peak RSS |", "|---|---|---:|"]
+    for (install, device), peak in sorted(peaks.items()):
         lines.append(
-            f"| fedbpt client (`fedbpt client` process: data, pycma, HTTP; the largest of every black-box "
-            f"cell's clients) | {machine} | {_mb(peak)} |"
+            "| fedbpt client (`fedbpt client` process: data, pycma, HTTP; the largest of every "
+            f"black-box cell's clients) | {install}, cells with the model on {device} | {_mb(peak)} |"
         )
     lines.append(
-        "| white-box client (MiniLM in memory, one local round of backpropagation to the prompt, CPU) | "
-        f"{whitebox.get('machine', '-')} | {_mb(wb)} |"
+        "| white-box client (MiniLM in memory, one local round of backpropagation to the prompt) | "
+        f"CPU, {whitebox.get('machine', '-')} | {_mb(wb)} |"
     )
-    same = peaks.get(whitebox.get("machine", ""))
-    if same and wb:
-        lines += ["", f"Ratio white-box / fedbpt on the same machine: **{wb / same:.1f}x**."]
+    site = [peak for (install, _), peak in peaks.items() if install == "client-only install"]
+    if site and wb:
+        lines += [
+            "",
+            f"White-box client / fedbpt client (client-only install, as a site runs it): **{wb / max(site):.1f}x**.",
+        ]
     lines.append("")
     return lines
 
@@ -199,6 +208,24 @@ def budget_section(grid: Grid, records: Sequence[CellResult]) -> list[str]:
     return lines
 
 
+def coverage_section(grid: Grid, records: Sequence[CellResult]) -> list[str]:
+    """How much of the grid the records cover: a partial grid must say so up front."""
+    wanted = cells(grid)
+    done = {r.cell.key for r in records if r.status == "ok"}
+    have = [c for c in wanted if c.key in done]
+    lines = ["## Coverage", "", f"**{len(have)} of {len(wanted)} cells** of the grid are recorded."]
+    if len(have) < len(wanted):
+        by_seed = {s: sum(1 for c in have if c.seed == s) for s in grid.seeds}
+        per_seed = sum(1 for c in wanted if c.seed == grid.seeds[0])
+        lines.append(
+            "Cells recorded per seed: "
+            + ", ".join(f"seed {s}: {n} of {per_seed}" for s, n in by_seed.items())
+            + ". A '–' in a table is a cell not run yet; `make experiments` runs the rest (it resumes)."
+        )
+    lines.append("")
+    return lines
+
+
 def write_document(
     grid: Grid,
     records: Sequence[CellResult],
@@ -218,6 +245,7 @@ def write_document(
     ]
     if preface and preface.exists():
         lines += [preface.read_text().rstrip(), ""]
+    lines += coverage_section(grid, records)
     lines += ["## Accuracy", ""]
     lines += accuracy_section(grid, records, plots, doc)
     lines += ["## Communication", ""]

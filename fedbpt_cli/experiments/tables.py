@@ -125,12 +125,20 @@ def communication(fedbpt: dict[str, float], prompt_length: int) -> list[CommRow]
     ]
 
 
-def client_peak_rss(records: Sequence[CellResult]) -> dict[str, int]:
-    """Where the cells ran -> the largest peak RSS of any of their fedbpt client processes."""
-    out: dict[str, int] = {}
+def client_install(record: CellResult) -> str:
+    """Which environment the clients ran from: a site's client-only install, or a full one where
+    pycma finds (and imports) scipy and matplotlib."""
+    python = str(record.details.get("client_python", ""))
+    return "client-only install" if "venv-client" in python else "full install"
+
+
+def client_peak_rss(records: Sequence[CellResult]) -> dict[tuple[str, str], int]:
+    """(client install, where the model ran) -> the largest peak RSS of any fedbpt client process."""
+    out: dict[tuple[str, str], int] = {}
     for r in records:
         if r.status == "ok" and r.client_peak_rss_bytes:
-            out[r.machine] = max(out.get(r.machine, 0), r.client_peak_rss_bytes)
+            key = (client_install(r), r.device)
+            out[key] = max(out.get(key, 0), r.client_peak_rss_bytes)
     return out
 
 

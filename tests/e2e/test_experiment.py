@@ -111,7 +111,7 @@ def test_grid_runs_resumes_and_writes_the_document(
     fed = [records[f"tiny__iid__fedbpt__seed{s}"].best_accuracy for s in (0, 1)]
     mean = sum(a for a in fed if a is not None) / 2
     assert f"| FedBPT | {100 * mean:.2f} ± " in doc
-    assert "## Communication" in doc and "Llama-2-7B" in doc and "Ratio white-box / fedbpt" in doc
+    assert "## Communication" in doc and "Llama-2-7B" in doc and "| white-box client (MiniLM" in doc
 
     # Resume: every cell is recorded, so a second invocation runs none and leaves them as they were.
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "records").glob("*.json")}
