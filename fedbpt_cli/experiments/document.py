@@ -208,6 +208,25 @@ def budget_section(grid: Grid, records: Sequence[CellResult]) -> list[str]:
     return lines
 
 
+def runs_section(records: Sequence[CellResult]) -> list[str]:
+    """Every recorded run on its own line: best (with its round) and final, where and how long."""
+    lines = [
+        "| cell | best | best round | final | rounds | wall | model on |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(records, key=lambda r: (r.cell.seed is not None, r.cell.seed or 0, r.cell.key)):
+        if r.status != "ok":
+            continue
+        best = "–" if r.best_accuracy is None else f"{100 * r.best_accuracy:.2f}"
+        final = "–" if r.final_accuracy is None else f"{100 * r.final_accuracy:.2f}"
+        lines.append(
+            f"| `{r.cell.key}` | {best} | {r.best_state if r.best_state is not None else '–'} | {final} | "
+            f"{r.rounds} | {r.wall_seconds:,.0f} s | {r.device or '-'} |"
+        )
+    lines.append("")
+    return lines
+
+
 def coverage_section(grid: Grid, records: Sequence[CellResult]) -> list[str]:
     """How much of the grid the records cover: a partial grid must say so up front."""
     wanted = cells(grid)
@@ -258,6 +277,8 @@ def write_document(
         lines += ["## Cells that failed", "", *[f"- {k}" for k in failed], ""]
     if discussion and discussion.exists():
         lines += [discussion.read_text().rstrip(), ""]
+    lines += ["## Every run", ""]
+    lines += runs_section(records)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
     return doc
