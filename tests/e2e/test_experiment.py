@@ -32,17 +32,6 @@ whitebox: {{lr: 0.05, local_steps: 2, memory_check: {memory}}}
 
 
 @pytest.fixture(scope="module")
-def tiny_st_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("experiment-model") / "st"
-    proc = ManagedProcess(
-        "make-random-model", fedbpt_command("make-random-model", "st-bert", str(out)), out.parent / "make.log"
-    )
-    proc.start()
-    assert proc.wait(timeout=300) == 0, proc.log_tail()
-    return out
-
-
-@pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     root = tmp_path_factory.mktemp("experiment-data")
     (root / "tiny").mkdir()
@@ -68,9 +57,9 @@ def run_experiment(tmp: Path, model: Path, data: Path, *extra: str, memory: bool
 
 @pytest.mark.timeout(1800)
 def test_grid_runs_resumes_and_writes_the_document(
-    tmp_path: Path, tiny_st_model: Path, tiny_data: Path
+    tmp_path: Path, tiny_st_dir: Path, tiny_data: Path
 ) -> None:
-    code, log = run_experiment(tmp_path, tiny_st_model, tiny_data, memory=True)
+    code, log = run_experiment(tmp_path, tiny_st_dir, tiny_data, memory=True)
     assert code == 0, log[-4000:]
     records = {r.cell.key: r for r in read_records(tmp_path / "records")}
     # 1 zero-shot + per seed (1 centralized + 2 partitions x 3 split-dependent methods) = 15 cells
@@ -115,7 +104,7 @@ def test_grid_runs_resumes_and_writes_the_document(
 
     # Resume: every cell is recorded, so a second invocation runs none and leaves them as they were.
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "records").glob("*.json")}
-    code, log = run_experiment(tmp_path, tiny_st_model, tiny_data)
+    code, log = run_experiment(tmp_path, tiny_st_dir, tiny_data)
     assert code == 0, log[-4000:]
     assert "0 cell(s) to run" in log
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "records").glob("*.json")} == before
