@@ -66,7 +66,9 @@ def test_simulate_two_clients_two_rounds(tiny_bert_dir: Path, sst2_dir: Path, tm
 def test_ctrl_c_stops_every_process(tiny_bert_dir: Path, sst2_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     argv = fedbpt_command(
-        "simulate", "--clients", "2", "--rounds", "50", "--data", str(sst2_dir), "--out", str(out),
+        # Far more rounds than can finish before the signal, however slowly this test is scheduled
+        # (50 rounds of the tiny model once completed first on a loaded machine: exit 0).
+        "simulate", "--clients", "2", "--rounds", "10000", "--data", str(sst2_dir), "--out", str(out),
         "--model", str(tiny_bert_dir), *SMALL,
     )  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
