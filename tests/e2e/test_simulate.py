@@ -66,12 +66,19 @@ def test_simulate_two_clients_two_rounds(tiny_bert_dir: Path, sst2_dir: Path, tm
 def test_ctrl_c_stops_every_process(tiny_bert_dir: Path, sst2_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     argv = fedbpt_command(
-        # Far more rounds than can finish before the signal, however slowly this test is scheduled
-        # (50 rounds of the tiny model once completed first on a loaded machine: exit 0).
+        # Far more rounds than can finish before the signal: finishing would also exit 0.
         "simulate", "--clients", "2", "--rounds", "10000", "--data", str(sst2_dir), "--out", str(out),
         "--model", str(tiny_bert_dir), *SMALL,
     )  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored: give the child the default disposition, as a terminal would.
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert proc.stdout is not None
     urls: list[str] = []
     deadline = time.monotonic() + 300
