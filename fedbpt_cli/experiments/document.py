@@ -42,6 +42,8 @@ def plot_curves(grid: Grid, records: Sequence[CellResult], folder: Path) -> list
     paths = []
     partitions = [partition_name(p) for p in grid.partitions]
     for dataset in grid.datasets:
+        if not any(key[0] == dataset and key[2] != "zero_shot" for key in curves):
+            continue  # nothing tuned on it yet: no plot (a legend of no entries is an error)
         fig, axes = plt.subplots(1, len(partitions), figsize=(5.2 * len(partitions), 4.2), squeeze=False)
         for ax, part in zip(axes[0], partitions, strict=True):
             for method in METHODS:

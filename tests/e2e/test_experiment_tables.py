@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedbpt_cli.experiments import tables
+from fedbpt_cli.experiments.document import write_document
 from fedbpt_cli.experiments.grid import Cell, Grid, cells, load_grid
 from fedbpt_cli.experiments.records import CellResult, best_and_final, finished, read_records, write_record
 
@@ -79,3 +80,20 @@ def test_records_are_whole_and_a_failed_cell_is_run_again(tmp_path: Path) -> Non
     assert not list(tmp_path.glob("*.tmp"))
     (tmp_path / "_memory.json").write_text("{}")  # side record, not a cell
     assert {r.cell.key for r in read_records(tmp_path)} == {ok.cell.key, failed.cell.key}
+
+
+def test_a_dataset_without_tuned_runs_gets_no_plot(tmp_path: Path) -> None:
+    # A partial grid (e.g. only one dataset's cells run on a machine) still gets its document.
+    grid = Grid.model_validate({"seeds": [0], "datasets": {"d": {"data": "d"}, "e": {"data": "e"}}})
+    zero = CellResult(
+        cell=Cell(dataset="e", partition="all", method="zero_shot", seed=None),
+        curve=[(0, 0.25)],
+        best_accuracy=0.25,
+        final_accuracy=0.25,
+    )
+    records = [result("fedbpt", 0, 0.8, 0.7), zero]
+    doc = write_document(grid, records, tmp_path / "records", tmp_path / "results.md")
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["d.png"]
+    text = doc.read_text()
+    assert "results/d.png" in text and "results/e.png" not in text
+    assert "80.00" in text and "25.00" in text
