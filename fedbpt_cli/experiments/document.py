@@ -19,8 +19,8 @@ def partition_title(p: str) -> str:
     return PARTITION_TITLES.get(p, f"Dirichlet α={p[3:]}" if p.startswith("dir") else p)
 
 
-def _mb(value: float | None) -> str:
-    return "-" if value is None else f"{value / 2**20:,.1f} MB"
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:,.1f} MiB"
 
 
 def _bytes(value: float) -> str:
@@ -170,11 +170,11 @@ def memory_section(records: Sequence[CellResult], records_dir: Path) -> list[str
     for (install, device), peak in sorted(peaks.items()):
         lines.append(
             "| fedbpt client (`fedbpt client` process: data, pycma, HTTP; the largest of every "
-            f"black-box cell's clients) | {install}, cells with the model on {device} | {_mb(peak)} |"
+            f"black-box cell's clients) | {install}, cells with the model on {device} | {_mib(peak)} |"
         )
     lines.append(
         "| white-box client (MiniLM in memory, one local round of backpropagation to the prompt) | "
-        f"CPU, {whitebox.get('machine', '-')} | {_mb(wb)} |"
+        f"CPU, {whitebox.get('machine', '-')} | {_mib(wb)} |"
     )
     site = [peak for (install, _), peak in peaks.items() if install == "client-only install"]
     if site and wb:
