@@ -236,9 +236,11 @@ class Engine:
 
     # ----- rounds -----
     def _enrolled(self, run_id: str) -> list[str]:
+        # In name order, not enrolment order: sites enrol concurrently, so only the names (unique
+        # in a run) make the sampling of a rerun with the same seed and names the same.
         return [
             r["client_id"]
-            for r in self.store.all("SELECT client_id FROM clients WHERE run_id = ? ORDER BY seq", (run_id,))
+            for r in self.store.all("SELECT client_id FROM clients WHERE run_id = ? ORDER BY name", (run_id,))
         ]
 
     def _open_round(
@@ -320,7 +322,7 @@ class Engine:
             sampled = json.loads(rnd["sampled"])
             rows = db.execute(
                 "SELECT u.*, c.seq FROM updates u JOIN clients c ON c.client_id = u.client_id "
-                "WHERE u.run_id = ? AND u.round = ? ORDER BY c.seq",
+                "WHERE u.run_id = ? AND u.round = ? ORDER BY c.name",  # not by who enrolled first
                 (run_id, round_),
             ).fetchall()
             answered = [r["client_id"] for r in rows]
@@ -478,7 +480,10 @@ class Engine:
                 round=round_,
                 state=self._payload(run_id, config),
                 config=config,
-                client_seed=client_seed(config.client_seeds, config.seed, round_, client_id),
+                # Keyed on the client's name, not its random id, so a rerun draws the same seeds.
+                client_seed=client_seed(
+                    config.client_seeds, config.seed, round_, principal.name or client_id
+                ),
                 evaluate=evaluates(config.eval_every, round_),
                 deadline=float(rnd["deadline"]),
                 retry_after_s=retry,

@@ -96,7 +96,7 @@ class SiteClient:
     # ----- identity -----
     def identify(self) -> str:
         """The run to work on: from ``GET /v1/whoami``, or ``--run-id`` where the coordinator has
-        no such route. Also fixes the client key that seeds the perturbation."""
+        no such route. Also fixes the client key (its name) that seeds the perturbation."""
         try:
             identity = self.coordinator.whoami()
         except FatalServiceError as exc:
@@ -115,7 +115,9 @@ class SiteClient:
         if self.run_id is not None and self.run_id != identity.run_id:
             raise ClientError(f"this token belongs to run {identity.run_id!r}, not {self.run_id!r}")
         self.run_id = identity.run_id
-        self.client_key = identity.client_id
+        # The name (unique in a run), not the random client id: a rerun of the same run with the
+        # same site names then perturbs the same tokens (reproducible results).
+        self.client_key = identity.name
         log.info("client %s (%s) of run %s", identity.name, identity.client_id, identity.run_id)
         return identity.run_id
 

@@ -27,7 +27,7 @@ from protos import TemplatePerturbation
 
 
 def client_key_int(client_key: str) -> int:
-    """A stable 64-bit integer of a client's identity (client id) for seeding."""
+    """A stable 64-bit integer of a client's identity (its name in the run) for seeding."""
     return int.from_bytes(hashlib.sha256(client_key.encode()).digest()[:8], "little")
 
 

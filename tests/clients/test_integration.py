@@ -19,6 +19,12 @@ import httpx
 import numpy as np
 import pytest
 
+from fed_clients.client import SiteClient
+from fed_clients.coordinator_api import CoordinatorService
+from fed_clients.data import LabeledTexts
+from fed_clients.model_api import ModelService
+from fed_clients.perturb import Perturber
+from fed_clients.transport import JsonService
 from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port, running
 from protos import PromptResponse, RunConfig
 from tests.clients.conftest import SST2_SAMPLE, write_jsonl
@@ -188,3 +194,27 @@ def test_a_client_killed_mid_run_is_restarted_and_the_run_completes(
         rounds = _rounds(admin.get(f"/v1/runs/{run_id}/rounds").json())
     assert [sorted(p["name"] for p in r["participants"]) for r in rounds] == [["site-0", "site-1"]] * 2
     assert "trained 1 round(s)" in procs[0].log_tail()  # the restarted site-0 trained round 1 only
+
+
+def test_the_perturbation_follows_the_site_name_not_its_client_id(coordinator_url: str) -> None:
+    """The same site name in two runs (two random client ids) perturbs the same tokens: a rerun
+    of a run reproduces it."""
+    config = RunConfig(name="perturb-key", rounds=1, projection={"intrinsic_dim": 8})  # type: ignore[arg-type]
+    keys, ids = [], []
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        for _ in range(2):
+            run_id = admin.post("/v1/runs", json=config.model_dump(mode="json")).json()["run_id"]
+            enrolled = admin.post(f"/v1/runs/{run_id}/clients", json={"name": "org-a"}).json()
+            ids.append(enrolled["client_id"])
+            http = JsonService(name="coordinator", base_url=coordinator_url, token=enrolled["token"])
+            with http, JsonService(name="model", base_url="http://127.0.0.1:9") as unused_model:
+                site = SiteClient(
+                    CoordinatorService(http), ModelService(unused_model), LabeledTexts([], [], "none")
+                )
+                assert site.identify() == run_id
+                keys.append(site.client_key)
+    assert ids[0] != ids[1] and keys == ["org-a", "org-a"]
+    perturber = Perturber(vocab_size=1000, special_ids=(0, 1, 2), rate=0.5)
+    ids_in = [list(range(3, 60))]
+    copies = [perturber.copy(ids_in, run_seed=7, round_=2, client_key=k).input_ids for k in keys]
+    assert copies[0] == copies[1] != ids_in

@@ -92,10 +92,10 @@ class Coordinator:
         self.runs[run_id] = []
         return run_id
 
-    def enrol(self, run_id: str, count: int) -> list[Site]:
+    def enrol(self, run_id: str, count: int, names: list[str] | None = None) -> list[Site]:
         sites = []
-        for _ in range(count):
-            name = f"site-{len(self.runs[run_id])}"
+        for k in range(count):
+            name = names[k] if names is not None else f"site-{len(self.runs[run_id])}"
             r = self.http.post(f"/v1/runs/{run_id}/clients", json={"name": name}, headers=ADMIN_HEADERS)
             assert r.status_code == 201, r.text
             site = Site(r.json()["client_id"], r.json()["token"], name)

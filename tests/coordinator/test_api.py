@@ -195,6 +195,32 @@ def test_duplicates_and_late_updates(coordinator_factory: Callable[..., Coordina
     assert rec.participants[0].fitness == first.fitness  # the first update counts, not the repeat
 
 
+def test_a_rerun_with_the_same_names_draws_the_same_whatever_the_enrolment_order(
+    coord: Coordinator,
+) -> None:
+    """Client ids are random and sites enrol in any order; sampling, per-client seeds and the
+    aggregated state follow the names, so two runs with the same seed and names are identical."""
+    names = ["org-a", "org-b", "org-c", "org-d", "org-e", "org-f"]
+    outcomes = []
+    for order in (names, names[::-1]):
+        run_id = coord.create_run(frac=0.5, client_seeds="per_client", min_clients=1)
+        by_name = {s.name: s for s in coord.enrol(run_id, len(order), names=order)}
+        coord.start(run_id)
+        sampled = set(coord.rounds(run_id)[0]["sampled"])
+        chosen = sorted(n for n, s in by_name.items() if s.client_id in sampled)
+        tasks = {n: coord.task(run_id, by_name[n]) for n in chosen}
+        # Updates arrive in enrolment order; each name answers the same update in both runs.
+        for name in [n for n in order if n in tasks]:
+            update = synthetic_update(tasks[name], names.index(name))
+            assert coord.post_update(run_id, 0, by_name[name], update).status_code == 200
+        state = coord.http.app.state.engine._state(run_id)  # type: ignore[attr-defined]
+        assert state[0] == 1
+        seeds = {n: t.client_seed for n, t in tasks.items()}
+        outcomes.append((chosen, seeds, state[1].mean.tobytes(), state[1].sigma))
+    assert len(outcomes[0][0]) == 3
+    assert outcomes[0] == outcomes[1]
+
+
 def test_not_sampled_future_and_unknown_rounds(coord: Coordinator) -> None:
     run_id, sites = coord.new_run(4, frac=0.5)
     record = coord.rounds(run_id)[0]
