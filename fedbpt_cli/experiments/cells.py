@@ -31,8 +31,8 @@ from fedbpt_cli.simulation import EXIT_OK, Simulation
 from protos import RoundRecord, RunConfig
 
 
-def run_config(grid: Grid, cell: Cell) -> RunConfig:
-    """The run settings of a black-box cell: grid < dataset < method; the cell's seed."""
+def run_fields(grid: Grid, cell: Cell) -> dict[str, Any]:
+    """The RunConfig fields a cell sets: grid < dataset < method; the cell's seed."""
     from fedbpt_cli.simulate import _merge
 
     entry = grid.datasets[cell.dataset]
@@ -40,7 +40,38 @@ def run_config(grid: Grid, cell: Cell) -> RunConfig:
     merged["seed"] = cell.seed if cell.seed is not None else 0
     merged["name"] = cell.key
     merged["min_clients"] = 1
-    return RunConfig.model_validate(merged)
+    return merged
+
+
+def run_config(grid: Grid, cell: Cell) -> RunConfig:
+    """The run settings of a black-box cell."""
+    return RunConfig.model_validate(run_fields(grid, cell))
+
+
+# What a zero-shot score depends on of the run fields (no prompt, no training, no seed).
+ZERO_SHOT_FIELDS = ("task", "labels", "max_input_tokens")
+# Run fields that change how long a run may wait, not what it computes.
+RESULT_NEUTRAL = ("round_timeout_s",)
+
+
+def cell_settings(grid: Grid, cell: Cell, model: str | None = None) -> dict[str, Any]:
+    """Everything in the grid a cell's result depends on, as stored in its record: a record made
+    with other settings (say, after a budget in grid.yaml changed) is run again. Only what the
+    grid sets is compared, not RunConfig's defaults, so a new defaulted field leaves records valid."""
+    fields = {k: v for k, v in run_fields(grid, cell).items() if k not in RESULT_NEUTRAL}
+    if cell.method == "zero_shot":
+        fields = {k: v for k, v in fields.items() if k in ZERO_SHOT_FIELDS}
+    settings: dict[str, Any] = {
+        "model": model,
+        "service": grid.service,
+        "data": grid.datasets[cell.dataset].model_dump(exclude={"run"}),
+        "run": fields,
+    }
+    if cell.method != "zero_shot":
+        settings.update(clients=sites(grid, cell), k_shot=grid.k_shot)
+    if cell.method == "fedprompt":
+        settings["whitebox"] = grid.whitebox.model_dump(exclude={"memory_check"})
+    return json.loads(json.dumps(settings))  # as a record reads back: lists, not tuples
 
 
 def sites(grid: Grid, cell: Cell) -> int:

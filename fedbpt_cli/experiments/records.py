@@ -32,6 +32,9 @@ class CellResult(BaseModel):
     wall_seconds: float = 0.0
     machine: str = Field(default_factory=lambda: f"{platform.node()} ({platform.machine()})")
     device: str = ""
+    # The grid settings the cell ran with (cells.cell_settings); None in records made before
+    # they were stored.
+    settings: dict[str, Any] | None = None
     details: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -57,14 +60,23 @@ def read_records(records: Path) -> list[CellResult]:
     return out
 
 
-def finished(records: Path, cell: Cell) -> bool:
+def finished(
+    records: Path, cell: Cell, settings: dict[str, Any] | None = None, rounds: int | None = None
+) -> bool:
+    """Whether the cell has an ok record made with ``settings`` (when given). A record from before
+    settings were stored is checked on its round count (``rounds``, when given) instead."""
     path = record_path(records, cell)
     if not path.exists():
         return False
     try:
-        return CellResult.model_validate_json(path.read_text()).status == "ok"
+        result = CellResult.model_validate_json(path.read_text())
     except ValueError:
         return False
+    if result.status != "ok":
+        return False
+    if settings is not None and result.settings is not None:
+        return result.settings == settings
+    return rounds is None or result.rounds == rounds
 
 
 def best_and_final(

@@ -1,7 +1,8 @@
 """Runs the cells of a grid: one inference service for all of them, black-box cells ``jobs`` at a
 time (each its own coordinator and client processes), white-box cells in this process, a record
 per finished cell. A cell whose record says ok is skipped, so a stopped grid resumes where it
-stopped; a failed cell is recorded as failed and run again next time."""
+stopped; a failed cell is recorded as failed and run again next time, and so is a cell whose record
+was made with other grid settings (a changed budget, another model)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedbpt_cli.experiments import cells as run_cells
 from fedbpt_cli.experiments.grid import Cell, Grid, cells
-from fedbpt_cli.experiments.records import CellResult, finished, write_record
+from fedbpt_cli.experiments.records import CellResult, finished, record_path, write_record
 from fedbpt_cli.peak_rss import PeakRssWatcher
 from fedbpt_cli.procs import ManagedProcess, free_port, python_module_command
 from fedbpt_cli.services import ModelServer
@@ -58,11 +59,22 @@ class Runner:
         chosen = [
             c for c in cells(self.grid) if not self.only or any(fnmatch.fnmatch(c.key, p) for p in self.only)
         ]
-        return [c for c in chosen if not finished(self.records, c)]
+        return [c for c in chosen if not finished(self.records, c, *self._expected(c))]
+
+    def _expected(self, cell: Cell) -> tuple[dict[str, Any], int | None]:
+        rounds = None if cell.method == "zero_shot" else run_cells.run_config(self.grid, cell).rounds
+        return run_cells.cell_settings(self.grid, cell, self.model), rounds
 
     def run(self) -> int:
         todo = self.todo()
         self.console.print(f"{len(todo)} cell(s) to run; records in {self.records}")
+        redo = [c.key for c in todo if record_path(self.records, c).exists()]
+        if redo:
+            self.console.print(
+                f"{len(redo)} of them have a record that failed or was made with other grid settings: "
+                + ", ".join(redo[:5])
+                + (" ..." if len(redo) > 5 else "")
+            )
         if not todo:
             return 0
         os.environ.update(service_env(self.grid))  # the in-process white-box model reads them too
@@ -152,6 +164,7 @@ class Runner:
             result = CellResult(cell=cell, status="failed", details={"error": detail[-4000:]})
             self.failures.append(cell.key)
         result.device = result.device or self.device
+        result.settings = self._expected(cell)[0]
         write_record(self.records, result)
         if result.status == "ok":
             best = "-" if result.best_accuracy is None else f"{100 * result.best_accuracy:.2f}%"

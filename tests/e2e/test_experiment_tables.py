@@ -97,3 +97,59 @@ def test_a_dataset_without_tuned_runs_gets_no_plot(tmp_path: Path) -> None:
     text = doc.read_text()
     assert "results/d.png" in text and "results/e.png" not in text
     assert "80.00" in text and "25.00" in text
+
+
+def _grid(ag_rounds: int = 10, lr: float = 0.01) -> Grid:
+    return Grid.model_validate(
+        {
+            "seeds": [0],
+            "partitions": ["iid"],
+            "run": {"local_iters": 8},
+            "datasets": {
+                "sst2": {"data": "sst2", "run": {"task": "sst2", "rounds": 20}},
+                "ag": {"data": "ag_news", "run": {"task": "ag_news", "rounds": ag_rounds}},
+            },
+            "whitebox": {"lr": lr},
+        }
+    )
+
+
+def test_a_changed_budget_reruns_exactly_the_cells_it_touches(tmp_path: Path) -> None:
+    """Records keep the grid settings they ran with; the runner runs again what they no longer
+    match (here AG News's rounds, then the white-box learning rate), and nothing else."""
+    from fedbpt_cli.experiments.runner import Runner
+
+    def runner(grid: Grid) -> Runner:
+        return Runner(grid=grid, data_root=tmp_path, out=tmp_path / "out", records=tmp_path / "rec")
+
+    first = runner(_grid())
+    assert len(first.todo()) == 2 + 2 * 5
+    for cell in first.todo():
+        rounds = 0 if cell.method == "zero_shot" else first.grid.datasets[cell.dataset].run["rounds"]
+        record = CellResult(cell=cell, curve=[(0, 0.5)], rounds=rounds, settings=first._expected(cell)[0])
+        write_record(tmp_path / "rec", record)
+    assert first.todo() == []
+    shorter = {c.key for c in runner(_grid(ag_rounds=5)).todo()}
+    assert shorter == {c.key for c in cells(_grid()) if c.dataset == "ag" and c.method != "zero_shot"}
+    assert {c.key for c in runner(_grid(lr=0.1)).todo()} == {
+        "sst2__iid__fedprompt__seed0",
+        "ag__iid__fedprompt__seed0",
+    }
+    patient = _grid()
+    patient.run["round_timeout_s"] = 99  # how long a round may wait changes no result
+    assert runner(patient).todo() == []
+    other_model = Runner(
+        grid=_grid(), data_root=tmp_path, out=tmp_path, records=tmp_path / "rec", model="roberta-large"
+    )
+    assert len(other_model.todo()) == 12
+
+
+def test_a_record_without_settings_is_checked_on_its_rounds(tmp_path: Path) -> None:
+    legacy = result("fedbpt", 0, 0.8, 0.7, rounds=10)
+    write_record(tmp_path, legacy)
+    assert finished(tmp_path, legacy.cell, {"any": 1}, rounds=10)
+    assert not finished(tmp_path, legacy.cell, {"any": 1}, rounds=5)
+    current = result("fedbpt", 1, 0.8, 0.7, rounds=10, settings={"run": {"rounds": 10}})
+    write_record(tmp_path, current)
+    assert finished(tmp_path, current.cell, {"run": {"rounds": 10}}, rounds=10)
+    assert not finished(tmp_path, current.cell, {"run": {"rounds": 10, "local_iters": 4}}, rounds=10)
