@@ -321,7 +321,7 @@ class Engine:
             now = self.clock()
             sampled = json.loads(rnd["sampled"])
             rows = db.execute(
-                "SELECT u.*, c.seq FROM updates u JOIN clients c ON c.client_id = u.client_id "
+                "SELECT u.* FROM updates u JOIN clients c ON c.client_id = u.client_id "
                 "WHERE u.run_id = ? AND u.round = ? ORDER BY c.name",  # not by who enrolled first
                 (run_id, round_),
             ).fetchall()

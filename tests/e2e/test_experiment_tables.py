@@ -117,6 +117,7 @@ def _grid(ag_rounds: int = 10, lr: float = 0.01) -> Grid:
 def test_a_changed_budget_reruns_exactly_the_cells_it_touches(tmp_path: Path) -> None:
     """Records keep the grid settings they ran with; the runner runs again what they no longer
     match (here AG News's rounds, then the white-box learning rate), and nothing else."""
+    from fedbpt_cli.experiments.cells import cell_settings
     from fedbpt_cli.experiments.runner import Runner
 
     def runner(grid: Grid) -> Runner:
@@ -126,7 +127,9 @@ def test_a_changed_budget_reruns_exactly_the_cells_it_touches(tmp_path: Path) ->
     assert len(first.todo()) == 2 + 2 * 5
     for cell in first.todo():
         rounds = 0 if cell.method == "zero_shot" else first.grid.datasets[cell.dataset].run["rounds"]
-        record = CellResult(cell=cell, curve=[(0, 0.5)], rounds=rounds, settings=first._expected(cell)[0])
+        record = CellResult(
+            cell=cell, curve=[(0, 0.5)], rounds=rounds, settings=cell_settings(first.grid, cell)
+        )
         write_record(tmp_path / "rec", record)
     assert first.todo() == []
     shorter = {c.key for c in runner(_grid(ag_rounds=5)).todo()}
