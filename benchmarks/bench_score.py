@@ -134,7 +134,9 @@ def main() -> int:
     # Request sizes for the same prompts.
     prepared = scorer.prepare(request)
     codec = backend.codec
-    p0 = backend.placeholder_embeddings(codec.placeholder_ids(args.l), prepared.seqs.prompt_start)
+    assert request.projection is not None
+    ids = codec.prompt_ids(args.l, request.projection.init_text)
+    p0 = backend.placeholder_embeddings(ids, prepared.seqs.prompt_start)
     assert prepared.prompts is not None
     embeds = (p0[None] + prepared.prompts).cpu().numpy()
     sizes = {"z + projection": len(body)}

@@ -7,8 +7,9 @@ ids do not), so a call of P x B rows builds B sequences once. Layout per head (d
     causal     BOS   P1..PL pieces(ending where the answer goes)   scored: the last token
     embedding  [CLS] P1..PL pieces(with input) [SEP]               pooled, prompt rows left out
 
-P1..PL are placeholder token ids (``TextCodec.placeholder_ids``); the backend adds A.z to, or puts
-``prompt_embeds`` in place of, what the model makes of them.
+P1..PL are the prompt's initial token ids (``TextCodec.prompt_ids``: BBT's placeholder ids, or the
+tokens of ``projection.init_text``); the backend adds A.z to, or puts ``prompt_embeds`` in place
+of, what the model makes of them (p0).
 """
 
 from __future__ import annotations
@@ -45,12 +46,17 @@ def assemble(
     codec: TextCodec,
     prompt_length: int,
     max_length: int,
+    init_text: str | None = None,
 ) -> Sequences:
-    """Build the B sequences; BadRequest if any is longer than ``max_length``, saying by how much."""
+    """Build the B sequences; BadRequest if any is longer than ``max_length``, saying by how much.
+    The prompt slot holds ``codec.prompt_ids(prompt_length, init_text)`` (p0's tokens)."""
     head_ids = list(codec.prefix_special)
     # The causal head scores the position after the last token: nothing may follow the template.
     tail_ids = [] if task.head == "causal" else list(codec.suffix_special)
-    prompt_ids = codec.placeholder_ids(prompt_length) if prompt_length else []
+    try:
+        prompt_ids = codec.prompt_ids(prompt_length, init_text) if prompt_length else []
+    except ValueError as exc:
+        raise BadRequest(f"projection.{exc}") from None
     lead = [*head_ids, *prompt_ids]
 
     sequences: list[list[int]] = []

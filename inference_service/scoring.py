@@ -113,7 +113,10 @@ class Scorer:
             inputs = self.tokenize(request.texts or [])
 
         # Sequences first: a prompt too long for the model is refused before any A is drawn.
-        seqs = assemble(task, inputs, self.backend.codec, self._prompt_length(request), self.info.max_length)
+        init_text = request.projection.init_text if request.projection is not None else None
+        seqs = assemble(
+            task, inputs, self.backend.codec, self._prompt_length(request), self.info.max_length, init_text
+        )
         with torch.inference_mode():
             prompts, mode = self._prompts(request)
         if request.perturb_template is not None:

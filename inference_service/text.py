@@ -34,6 +34,7 @@ class TextCodec:
         if pad is None:
             pad = tokenizer.eos_token_id
         self.pad_id: int = int(pad) if pad is not None else 0
+        self._init_cache: dict[str, list[int]] = {}
 
     def _call(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
         with self._lock:
@@ -66,6 +67,24 @@ class TextCodec:
         nonempty = [t for t in stripped if t]
         encoded = iter(self.encode_in_context(nonempty))
         return [next(encoded) if t else [] for t in stripped]
+
+    def prompt_ids(self, length: int, init_text: str | None = None) -> list[int]:
+        """The ids the prompt slot holds (p0 is what the model makes of them): BBT's placeholders
+        when ``init_text`` is None, else the text's ids in context, repeated or cut to ``length``."""
+        if init_text is None:
+            return self.placeholder_ids(length)
+        ids = self._init_ids(init_text)
+        return [ids[i % len(ids)] for i in range(length)]
+
+    def _init_ids(self, text: str) -> list[int]:
+        cached = self._init_cache.get(text)
+        if cached is None:
+            cached = [i for i in self.encode_in_context([text])[0] if i not in set(self.special_ids)]
+            if not cached:
+                raise ValueError(f"init_text {text!r} has no tokens besides special ones")
+            if len(self._init_cache) < 64:
+                self._init_cache[text] = cached
+        return cached
 
     def placeholder_ids(self, length: int) -> list[int]:
         """BBT's placeholder tokens: ids 1000, 1001, ... skipping special ids, wrapping around."""

@@ -14,6 +14,9 @@ INPUT_SLOT = "{input}"
 MASK_SLOT = "{mask}"
 MAX_LABELS = 128
 MAX_TEXTS = 65_536
+# p0's default text: of the task-neutral candidates, the one whose state-0 accuracy beat zero-shot by
+# the most in the worst task (benchmarks/prompt_init.py on train samples; docs/results.md).
+DEFAULT_INIT_TEXT = "Here is a sentence."
 
 
 class Strict(BaseModel):
@@ -53,6 +56,8 @@ class ProjectionSpec(Strict):
     The service derives A from this on a seeded CPU generator, so the same spec gives the same A on
     every replica and machine. Entries ~ N(0, s^2) with s = alpha * std(word embeddings) /
     (sqrt(intrinsic_dim) * sigma0) (BBT's scaling); ``uniform`` draws U(-s*sqrt(3), s*sqrt(3)).
+    ``init_text`` fixes p0, the prompt at z = 0 (tokens of a text, or BBT's placeholders); it does
+    not change A. Same spec -> same A and same p0 on every replica.
     """
 
     seed: int = Field(default=1234, ge=0, le=2**63 - 1)
@@ -61,6 +66,13 @@ class ProjectionSpec(Strict):
     sigma0: float = Field(default=1.0, gt=0)
     alpha: float = Field(default=1.0, gt=0)
     distribution: Literal["normal", "uniform"] = "normal"
+    init_text: str | None = Field(
+        default=DEFAULT_INIT_TEXT,
+        min_length=1,
+        max_length=1000,
+        description="where the prompt starts (p0): the embeddings of this text's tokens, repeated or cut "
+        "to prompt_length; null = BBT's placeholder ids 1000.. (the reference)",
+    )
 
 
 class TaskSpec(Strict):

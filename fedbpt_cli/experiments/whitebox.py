@@ -3,8 +3,8 @@
 It needs the model's weights and gradients, so it runs in process on the inference service's own
 objects (backend, task compilation, row assembly) rather than over the wire: the same model, the
 same template, the same prompt slot and the same logits as the black-box methods. The prompt is
-the full L x hidden matrix added at the prompt slot (where the black-box methods add A.z),
-starting from zero, i.e. from the same initial state. Each round every client runs
+the full L x hidden matrix added at the prompt slot (where the black-box methods add A.z) to the
+same p0 (``projection.init_text``), starting from zero, i.e. from the same initial state. Each round every client runs
 ``local_steps`` full-batch Adam steps on its own examples from the global prompt; the server
 averages the clients' prompts weighted by their example counts (FedAvg).
 
@@ -75,6 +75,7 @@ class PromptModel:
     task: ResolvedTask
     prompt_length: int
     max_input_tokens: int
+    init_text: str | None = None  # p0's tokens (None: BBT's placeholders), as projection.init_text
     compiled: CompiledTask = field(init=False)
     anchors: torch.Tensor | None = field(init=False, default=None)
 
@@ -101,7 +102,12 @@ class PromptModel:
     def logits(self, input_ids: list[list[int]], prompt: torch.Tensor) -> torch.Tensor:
         backend = self.scorer.backend
         seqs = assemble(
-            self.compiled, input_ids, backend.codec, self.prompt_length, self.scorer.info.max_length
+            self.compiled,
+            input_ids,
+            backend.codec,
+            self.prompt_length,
+            self.scorer.info.max_length,
+            self.init_text,
         )
         batch = RowBatch(
             token_ids=seqs.token_ids,

@@ -159,3 +159,30 @@ def test_template_perturbation_is_seeded_per_input_and_spares_the_input(zoo: Zoo
         assert seq[start:end] == ref[start:end]
         changed = sum(x != y for x, y in zip(seq, ref, strict=True))
         assert changed >= 3  # ~60% of 13 template/prompt/special positions
+
+
+def test_init_text_fills_the_prompt_slot_with_its_own_tokens(zoo: Zoo) -> None:
+    """p0 from a text: the slot holds the text's tokens as the tokenizer reads them after a word
+    (computed here from the tokenizer alone), repeated to L, or cut to L."""
+    codec = _codec(zoo, "roberta")
+    tok = codec.tokenizer
+    task = compile_task(TaskSpec(template=". {input} {mask} .", labels=["bad", "great"]), "mlm", codec, 512)
+    phrase = tok(" Here is", add_special_tokens=False)["input_ids"]  # in context: after a space
+    assert len(phrase) >= 2
+    inputs = codec.encode_inputs(["a great movie"])
+    n = len(phrase) + 2
+    long = assemble(task, inputs, codec, n, 512, init_text="Here is")
+    assert long.token_ids[0][1 : 1 + n] == [*phrase, *phrase[:2]]
+    short = assemble(task, inputs, codec, 1, 512, init_text="Here is")
+    assert short.token_ids[0][1:2] == phrase[:1]
+    bbt = assemble(task, inputs, codec, 2, 512, init_text=None)
+    assert bbt.token_ids[0][1:3] == [1000, 1001]
+    # Everything after the slot is the same whatever p0 is.
+    assert long.token_ids[0][1 + n :] == bbt.token_ids[0][3:]
+
+
+def test_init_text_without_tokens_is_a_bad_request(zoo: Zoo) -> None:
+    codec = _codec(zoo, "bert")
+    task = compile_task(TaskSpec(template="{input} {mask}", labels=["bad", "great"]), "mlm", codec, 512)
+    with pytest.raises(BadRequest, match="init_text"):
+        assemble(task, codec.encode_inputs(["a movie"]), codec, 3, 512, init_text="   ")

@@ -19,8 +19,7 @@ KEY = "process-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module")
-def server(zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _serve(zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> tuple[ManagedProcess, str]:
     port = free_port()
     argv = fedbpt_command(
         "serve-model",
@@ -39,7 +38,12 @@ def server(zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     log = tmp_path_factory.mktemp("server") / "serve-model.log"
     proc = ManagedProcess("serve-model", argv, log, env={"FEDBPT_API_KEY": KEY})
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, url = _serve(zoo, tmp_path_factory)
     with running(proc, ready_url=f"{url}/readyz", timeout=120):
         yield url
 
@@ -123,3 +127,25 @@ def test_a_model_that_does_not_load_fails_the_command(tmp_path: Path) -> None:
     finally:
         proc.stop()
     assert "cannot load" in proc.log_tail()
+
+
+def _state0(url: str, init_text: str | None) -> np.ndarray:
+    """Logits of z = 0 (the prompt is p0 alone) for a projection with this ``init_text``."""
+    body = _request(1, TEXTS).model_dump(mode="json")
+    body["z"] = Array.from_numpy(np.zeros((1, 16), np.float32)).model_dump()
+    body["projection"]["init_text"] = init_text
+    r = httpx.post(f"{url}/v1/score", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    return Array.model_validate(r.json()["logits"]).numpy()
+
+
+def test_p0_is_the_same_in_two_service_processes(
+    server: str, zoo: Zoo, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Same projection spec -> same p0 on every replica: a second process scores z = 0 exactly as
+    the first, for the default init text and for BBT's placeholders, and the two p0 differ."""
+    proc, other = _serve(zoo, tmp_path_factory)
+    with running(proc, ready_url=f"{other}/readyz", timeout=120):
+        for init_text in ("Here is a sentence.", None):
+            np.testing.assert_array_equal(_state0(other, init_text), _state0(server, init_text))
+    assert np.abs(_state0(server, "Here is a sentence.") - _state0(server, None)).max() > 1e-4
