@@ -241,9 +241,10 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         return _json_list(found)
 
     @app.get("/v1/runs/{run_id}/prompt", response_model=PromptResponse)
-    async def prompt(run_id: str, principal: Caller) -> Response:
+    async def prompt(run_id: str, principal: Caller, state: str = "selected") -> Response:
+        """``state``: selected (lowest validation loss; the default), final, or a state index."""
         auth.require_reader(principal, run_id)
-        return _json(await call(engine.prompt, run_id))
+        return _json(await call(engine.prompt, run_id, state))
 
     # ----- client routes -----
     @app.get("/v1/whoami", response_model=ClientIdentity)

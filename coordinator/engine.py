@@ -35,7 +35,7 @@ from coordinator.errors import BadRequest, Conflict, NotFound
 from coordinator.es_state import EIGEN_CACHE, ServerState, decomposition_due, initial_es
 from coordinator.sampling import client_seed, evaluates, sample_clients, sample_size
 from coordinator.settings import CoordinatorSettings
-from coordinator.store import Store, decode_vector, encode_vector
+from coordinator.store import Store, decode_vector, encode_vector, select_state
 from protos import (
     Array,
     ClientMetrics,
@@ -44,6 +44,7 @@ from protos import (
     EnrolResponse,
     EvalReport,
     GlobalState,
+    PromptChoice,
     PromptResponse,
     RoundRecord,
     RunConfig,
@@ -581,6 +582,9 @@ class Engine:
                     ),
                 )
                 self.store.add_traffic(run_id, round_, client_id, bytes_in, len(body))
+                m = update.metrics
+                if m.val_loss is not None:  # the site's validation of state round_ (what it received)
+                    self.store.add_validation(run_id, round_, client_id, m.val_loss, m.val_accuracy, m.n_val)
             self.hooks.update_accepted(False, bytes_in)
             return UpdateResult(ack, body, completes)
 
@@ -625,36 +629,61 @@ class Engine:
                     f"round {round_} is not the last round ({last}); the final state is evaluated as round {last}"
                 )
             existing = db.execute(
-                "SELECT 1 FROM evals WHERE run_id = ? AND round = ? AND client_id = ?",
-                (run_id, round_, principal.client_id),
+                "SELECT (SELECT COUNT(*) FROM evals WHERE run_id = ? AND round = ? AND client_id = ?) "
+                "+ (SELECT COUNT(*) FROM validations WHERE run_id = ? AND idx = ? AND client_id = ?) AS n",
+                (run_id, round_, principal.client_id, run_id, round_ + 1, principal.client_id),
             ).fetchone()
-            if existing is not None:
+            if int(existing["n"]) > 0:
                 return UpdateAck(accepted=True, duplicate=True, round=round_, round_closed=True)
-            db.execute(
-                "INSERT INTO evals (run_id, round, client_id, test_accuracy, n_test, test_loss, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run_id,
-                    round_,
-                    principal.client_id,
-                    report.test_accuracy,
-                    report.n_test,
-                    report.test_loss,
-                    self.clock(),
-                ),
-            )
+            if report.test_accuracy is not None:
+                db.execute(
+                    "INSERT INTO evals (run_id, round, client_id, test_accuracy, n_test, test_loss, received_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id,
+                        round_,
+                        principal.client_id,
+                        report.test_accuracy,
+                        report.n_test,
+                        report.test_loss,
+                        self.clock(),
+                    ),
+                )
+            if report.val_loss is not None:  # the final state (round_ + 1) is a selection candidate too
+                self.store.add_validation(
+                    run_id, round_ + 1, principal.client_id, report.val_loss, report.val_accuracy, report.n_val
+                )
             return UpdateAck(accepted=True, duplicate=False, round=round_, round_closed=True)
 
     # ----- the prompt -----
-    def prompt(self, run_id: str) -> PromptResponse:
+    def prompt(self, run_id: str, which: str = "selected") -> PromptResponse:
+        """The prompt of state ``which``: "selected" (lowest validation loss; the final state where
+        no site validated any), "final" (the latest state) or a state index."""
         with self.lock:
             self._run_row(run_id)
             config = self.config(run_id)
-            idx, state = self._state(run_id)
+            final_idx, state = self._state(run_id)
+            validations = self.store.validation_by_state(run_id)
+            chosen: PromptChoice = "final"
+            idx, mean = final_idx, state.mean
+            if which == "selected":
+                selected = select_state(validations)
+                if selected is not None:
+                    chosen, idx = "selected", selected
+            elif which != "final":
+                chosen, idx = "state", _state_index(which)
+            if idx != final_idx:
+                stored = self.store.state_mean(run_id, idx)
+                if stored is None:
+                    raise NotFound(f"run {run_id} has no state {idx} (states 0..{final_idx} exist)")
+                mean = stored[0]
+        found = validations.get(idx)
         return PromptResponse(
-            z=Array.from_numpy(state.mean, dtype="float64"),
+            z=Array.from_numpy(mean, dtype="float64"),
             projection=config.projection,
             round=idx,
+            chosen=chosen,
+            val_loss=found.loss if found is not None else None,
             task=config.task,
             template=config.template,
             labels=config.labels,
@@ -667,17 +696,26 @@ class Engine:
             return row["state"], int(row["round"])
 
 
+def _state_index(which: str) -> int:
+    if not which.isdigit():
+        raise BadRequest(f"state must be 'selected', 'final' or a state index (0, 1, ...), got {which!r}")
+    return int(which)
+
+
 def _check_metrics(metrics: ClientMetrics) -> None:
-    for name in ("train_loss", "train_accuracy", "test_accuracy", "test_loss", "seconds"):
+    if (metrics.val_loss is None) != (metrics.n_val == 0):
+        raise BadRequest("metrics.val_loss and metrics.n_val >= 1 go together (n_val = 0: no validation)")
+    for name in ("train_loss", "train_accuracy", "test_accuracy", "test_loss", "val_loss", "val_accuracy", "seconds"):
         value = getattr(metrics, name)
         if value is not None and not math.isfinite(value):
             raise BadRequest(f"metrics.{name} must be finite, got {value}")
-    for name in ("train_accuracy", "test_accuracy"):
+    for name in ("train_accuracy", "test_accuracy", "val_accuracy"):
         value = getattr(metrics, name)
         if value is not None and not 0.0 <= value <= 1.0:
             raise BadRequest(f"metrics.{name} must lie in [0, 1], got {value}")
     for name in (
         "n_test",
+        "n_val",
         "service_calls",
         "service_rows",
         "service_bytes_sent",

@@ -7,7 +7,7 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
 
-from coordinator.store import Store
+from coordinator.store import Store, select_state
 from protos import ClientMetrics, ClientSummary, ParticipantRecord, RoundRecord, RunConfig, RunInfo
 
 
@@ -45,9 +45,12 @@ def round_records(store: Store, run_id: str, config: RunConfig, finished: bool) 
     for e in store.all("SELECT round, test_accuracy, n_test FROM evals WHERE run_id = ?", (run_id,)):
         evals[int(e["round"])].append((float(e["test_accuracy"]), int(e["n_test"])))
 
+    validations = store.validation_by_state(run_id)
     records: list[RoundRecord] = []
     for r in rounds:
         number = int(r["round"])
+        val = validations.get(number)
+        final_val = validations.get(number + 1) if number == config.rounds - 1 else None
         clipped = set(_json_list(r["clipped"]))
         rejected = set(_json_list(r["rejected"]))
         flows = traffic.get(number, {})
@@ -82,6 +85,10 @@ def round_records(store: Store, run_id: str, config: RunConfig, finished: bool) 
                 train_loss=weighted((p.metrics.train_loss, p.n_samples) for p in participants),
                 test_accuracy=weighted((p.metrics.test_accuracy, p.metrics.n_test) for p in participants),
                 final_test_accuracy=weighted(evals.get(number, [])) if (last and finished) else None,
+                val_loss=val.loss if val else None,
+                val_accuracy=val.accuracy if val else None,
+                n_val=val.n if val else 0,
+                final_val_loss=final_val.loss if final_val else None,
                 bytes_in=sum(b for b, _ in flows.values()),
                 bytes_out=sum(b for _, b in flows.values()),
                 opened_at=r["opened_at"],
@@ -113,6 +120,8 @@ def run_info(store: Store, row: sqlite3.Row, config: RunConfig) -> RunInfo:
         )
         if final is not None:
             accuracies.append(final)
+    validations = store.validation_by_state(run_id)
+    selected = select_state(validations)
     return RunInfo(
         run_id=run_id,
         state=row["state"],
@@ -123,6 +132,8 @@ def run_info(store: Store, row: sqlite3.Row, config: RunConfig) -> RunInfo:
         rounds_completed=int(closed["n"]) if closed else 0,
         best_accuracy=max(accuracies) if accuracies else None,
         final_accuracy=final,
+        selected_state=selected,
+        selected_val_loss=validations[selected].loss if selected is not None else None,
         error=row["error"],
     )
 

@@ -1,5 +1,6 @@
 """SQLite persistence of the coordinator: runs, clients, rounds, updates, traffic, evaluations and
-the global state (mean and sigma for every state index; the full CMA-ES state of the latest one).
+the global state (mean and sigma for every state index; the full CMA-ES state of the latest one),
+and the sites' validation of each state (what selection reads).
 
 The file is opened in WAL mode with ``synchronous=FULL``: a transaction that returned from
 ``COMMIT`` is on disk, so whatever the coordinator acknowledged survives a SIGKILL or a power cut.
@@ -14,6 +15,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,15 @@ CREATE TABLE IF NOT EXISTS evals (
     received_at REAL NOT NULL,
     PRIMARY KEY (run_id, round, client_id)
 );
+CREATE TABLE IF NOT EXISTS validations (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    idx INTEGER NOT NULL,
+    client_id TEXT NOT NULL REFERENCES clients(client_id),
+    loss REAL NOT NULL,
+    accuracy REAL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (run_id, idx, client_id)
+);
 CREATE TABLE IF NOT EXISTS states (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     idx INTEGER NOT NULL,
@@ -121,6 +132,22 @@ CREATE TABLE IF NOT EXISTS es_arrays (
     PRIMARY KEY (run_id, name)
 );
 """
+
+
+@dataclass(frozen=True)
+class Validation:
+    """One global state's validation over the sites that reported it (weighted by count)."""
+
+    loss: float
+    accuracy: float | None
+    n: int
+
+
+def select_state(validations: dict[int, Validation]) -> int | None:
+    """The state to hand out: lowest validation loss, the earlier state on a tie; None if none."""
+    if not validations:
+        return None
+    return min(validations, key=lambda idx: (validations[idx].loss, idx))
 
 
 def encode_vector(array: np.ndarray) -> bytes:
@@ -233,6 +260,25 @@ class Store:
     def state_mean(self, run_id: str, idx: int) -> tuple[np.ndarray, float] | None:
         row = self.one("SELECT mean, sigma FROM states WHERE run_id = ? AND idx = ?", (run_id, idx))
         return None if row is None else (decode_vector(row["mean"]), float(row["sigma"]))
+
+    # ----- validation (selection) -----
+    def add_validation(
+        self, run_id: str, idx: int, client_id: str, loss: float, accuracy: float | None, n: int
+    ) -> None:
+        """A site's validation of global state ``idx`` (a repeat of the same report changes nothing)."""
+        self.execute(
+            "INSERT OR IGNORE INTO validations (run_id, idx, client_id, loss, accuracy, n) VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, idx, client_id, float(loss), accuracy, int(n)),
+        )
+
+    def validation_by_state(self, run_id: str) -> dict[int, Validation]:
+        """Per global state: the sites' validation loss and accuracy, weighted by their counts."""
+        rows = self.all(
+            "SELECT idx, SUM(loss * n) / SUM(n) AS loss, SUM(accuracy * n) / SUM(n) AS accuracy, "
+            "SUM(n) AS n FROM validations WHERE run_id = ? GROUP BY idx ORDER BY idx",
+            (run_id,),
+        )
+        return {int(r["idx"]): Validation(float(r["loss"]), r["accuracy"], int(r["n"])) for r in rows}
 
     # ----- traffic -----
     def add_traffic(self, run_id: str, round_: int, client_id: str, bytes_in: int, bytes_out: int) -> None:

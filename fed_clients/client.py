@@ -2,9 +2,11 @@
 
 - ``wait``: sleep ``retry_after_s``, ask again (the GET itself long-polls).
 - ``train``: (evaluate the received global mean on the test split when asked, before training, as
-  the reference does), make the round's perturbed copy, run the local CMA-ES, upload the update.
-- ``done``: evaluate the final global prompt on the test split (if there is one), report it to
-  ``/v1/runs/{run}/rounds/{last_round}/eval``, return.
+  the reference does), score it on the site's validation split (held out of its examples,
+  ``RunConfig.val_share``; every round: the coordinator selects the prompt by it), make the
+  round's perturbed copy, run the local CMA-ES on the rest, upload the update.
+- ``done``: evaluate the final global prompt on the test split and the validation split (where the
+  site has them), report both to ``/v1/runs/{run}/rounds/{last_round}/eval``, return.
 
 A restarted client simply asks for its task again and picks the round up. A 409 for a late update
 is logged and the loop goes on. An update already sent is re-sent (not retrained) if the same round
@@ -25,7 +27,7 @@ import numpy as np
 from fed_clients.coordinator_api import CoordinatorService
 from fed_clients.data import LabeledTexts
 from fed_clients.evaluate import EvalResult, evaluate_prompt
-from fed_clients.inputs import EncodedSplit, encode_split, input_budget
+from fed_clients.inputs import EncodedSplit, encode_split, hold_out, input_budget
 from fed_clients.model_api import ModelService
 from fed_clients.perturb import Perturber
 from fed_clients.presets import ResolvedTask, resolve_config
@@ -56,6 +58,7 @@ class Prepared:
     task: ResolvedTask
     train: EncodedSplit
     test: EncodedSplit | None
+    val: EncodedSplit | None = None  # held out of the site's examples (RunConfig.val_share)
 
 
 def state_digest(state: GlobalState) -> str:
@@ -185,6 +188,10 @@ class SiteClient:
             result = self._evaluate(prepared, task.state.mean.numpy(), config.projection)
             metrics.update(test_accuracy=result.accuracy, test_loss=result.loss, n_test=result.n)
             log.info("round %d: global mean test accuracy %.4f (n=%d)", task.round, result.accuracy, result.n)
+        if prepared.val is not None:  # every round: what selection reads (no training on it)
+            val = self._evaluate(prepared, task.state.mean.numpy(), config.projection, prepared.val)
+            metrics.update(val_loss=val.loss, val_accuracy=val.accuracy, n_val=val.n)
+            log.info("round %d: global mean validation loss %.4f (n=%d)", task.round, val.loss, val.n)
 
         info = self.model.info()
         perturbed = None
@@ -232,6 +239,9 @@ class SiteClient:
                 test_accuracy=_float(metrics.get("test_accuracy")),
                 test_loss=_float(metrics.get("test_loss")),
                 n_test=int(metrics.get("n_test") or 0),
+                val_loss=_float(metrics.get("val_loss")),
+                val_accuracy=_float(metrics.get("val_accuracy")),
+                n_val=int(metrics.get("n_val") or 0),
                 service_calls=traffic.calls,
                 service_rows=traffic.rows,
                 service_bytes_sent=traffic.bytes_sent,
@@ -242,19 +252,31 @@ class SiteClient:
 
     # ----- done -----
     def handle_done(self, run_id: str, task: Task) -> EvalResult | None:
-        if self.test_data is None:
-            log.info("run %s is done; no test data to evaluate the final prompt on", run_id)
+        """Score the final state on the test split (if any) and on the validation split (if any:
+        the final state is a selection candidate too), report both, return the test result."""
+        if self.test_data is None and (task.config is None or task.config.val_share == 0):
+            log.info("run %s is done; no test or validation data to evaluate the final prompt on", run_id)
             return None
         z, projection, config, last_round = self._final_prompt(run_id, task)
         prepared = self.prepare(config)
-        assert prepared.test is not None
-        result = self._evaluate(prepared, z, projection)
+        result = self._evaluate(prepared, z, projection) if prepared.test is not None else None
+        val = self._evaluate(prepared, z, projection, prepared.val) if prepared.val is not None else None
         self.final_eval = result
-        log.info("run %s is done: final prompt test accuracy %.4f (n=%d)", run_id, result.accuracy, result.n)
+        if result is not None:
+            log.info("run %s is done: final prompt test accuracy %.4f (n=%d)", run_id, result.accuracy, result.n)
         if last_round < 0:
             log.warning("run %s finished without a round; nothing to report the evaluation to", run_id)
             return result
-        report = EvalReport(test_accuracy=result.accuracy, n_test=result.n, test_loss=result.loss)
+        if result is None and val is None:
+            return None
+        report = EvalReport(
+            test_accuracy=result.accuracy if result else None,
+            n_test=result.n if result else 0,
+            test_loss=result.loss if result else None,
+            val_loss=val.loss if val else None,
+            val_accuracy=val.accuracy if val else None,
+            n_val=val.n if val else 0,
+        )
         try:
             self.coordinator.post_eval(run_id, last_round, report)
         except Conflict as exc:
@@ -266,7 +288,7 @@ class SiteClient:
         ``round`` counts the aggregated rounds, so the last round is round - 1); a done task's own
         state is the fallback where the prompt is not open to clients."""
         try:
-            prompt = self.coordinator.prompt(run_id)
+            prompt = self.coordinator.prompt(run_id, state="final")
         except FatalServiceError as exc:
             if task.state is None or task.config is None or task.round is None:
                 raise
@@ -286,34 +308,43 @@ class SiteClient:
             tuple(config.labels or ()),
             config.max_input_tokens,
             config.projection.prompt_length,
+            config.val_share,
+            config.seed,
         )
         if key not in self._prepared:
             resolved = resolve_config(config, self.model.info().head)
             budget = input_budget(
                 self.model, resolved, config.projection.prompt_length, config.max_input_tokens
             )
-            train = encode_split(self.model, self.train_data, resolved, budget, self.label_names)
+            examples = encode_split(self.model, self.train_data, resolved, budget, self.label_names)
+            train, val = hold_out(examples, config.val_share, config.seed, self.client_key)
             test = (
                 None
                 if self.test_data is None
                 else encode_split(self.model, self.test_data, resolved, budget, self.label_names)
             )
             log.info(
-                "task %s: %d train / %s test inputs, template %r, labels %s (inputs cut to %d tokens: %d cut)",
+                "task %s: %d train / %d validation / %s test inputs, template %r, labels %s "
+                "(inputs cut to %d tokens: %d cut)",
                 resolved.name,
                 len(train),
+                len(val) if val is not None else 0,
                 len(test) if test is not None else 0,
                 resolved.spec.template,
                 resolved.spec.labels,
                 budget,
                 train.truncated,
             )
-            self._prepared[key] = Prepared(resolved, train, test)
+            self._prepared[key] = Prepared(resolved, train, test, val)
         return self._prepared[key]
 
-    def _evaluate(self, prepared: Prepared, z: np.ndarray, projection: ProjectionSpec) -> EvalResult:
-        assert prepared.test is not None
-        return evaluate_prompt(self.model, prepared.task.spec, prepared.test, z=z, projection=projection)
+    def _evaluate(
+        self, prepared: Prepared, z: np.ndarray, projection: ProjectionSpec, split: EncodedSplit | None = None
+    ) -> EvalResult:
+        """Score ``z`` on ``split`` (default: the test split)."""
+        split = split if split is not None else prepared.test
+        assert split is not None
+        return evaluate_prompt(self.model, prepared.task.spec, split, z=z, projection=projection)
 
 
 def _float(value: float | int | None) -> float | None:

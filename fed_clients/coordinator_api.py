@@ -38,5 +38,6 @@ class CoordinatorService:
         except ValueError:
             return None
 
-    def prompt(self, run_id: str) -> PromptResponse:
-        return self.http.get(f"/v1/runs/{run_id}/prompt", PromptResponse)
+    def prompt(self, run_id: str, state: str = "selected") -> PromptResponse:
+        """The run's prompt: ``state`` selected (the default), final, or a state index."""
+        return self.http.get(f"/v1/runs/{run_id}/prompt", PromptResponse, params={"state": state})

@@ -12,6 +12,7 @@ import numpy as np
 
 from fed_clients.data import DataError, LabeledTexts, clean_texts, encode_labels
 from fed_clients.model_api import ModelService
+from fed_clients.perturb import client_key_int
 from fed_clients.presets import ResolvedTask
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,30 @@ class EncodedSplit:
 
     def head(self, n: int) -> EncodedSplit:
         return EncodedSplit(self.input_ids[:n], self.labels[:n], self.truncated, self.dropped)
+
+
+# Fewest examples a site must keep for training after its validation share is held out.
+MIN_TRAIN_EXAMPLES = 2
+# Keeps the validation draw apart from every other stream seeded by (run seed, site).
+_VAL_STREAM = 0x7A1
+
+
+def hold_out(split: EncodedSplit, share: float, seed: int, client_key: str) -> tuple[EncodedSplit, EncodedSplit | None]:
+    """(train, validation): ``floor(share * n)`` examples drawn for validation, deterministically from
+    the run seed and the site's key (its name), so a restarted or rerun site holds out the same ones.
+    A site too small to spare any (nothing drawn, or fewer than MIN_TRAIN_EXAMPLES left) validates
+    nothing: (split, None)."""
+    n_val = int(share * len(split))
+    if n_val < 1 or len(split) - n_val < MIN_TRAIN_EXAMPLES:
+        return split, None
+    rng = np.random.default_rng([seed, client_key_int(client_key), _VAL_STREAM])
+    order = rng.permutation(len(split))
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    return _take(split, train_idx), _take(split, val_idx)
+
+
+def _take(split: EncodedSplit, index: np.ndarray) -> EncodedSplit:
+    return EncodedSplit([split.input_ids[i] for i in index], split.labels[index], split.truncated, split.dropped)
 
 
 def input_budget(model: ModelService, task: ResolvedTask, prompt_length: int, max_input_tokens: int) -> int:

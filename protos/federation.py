@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from protos.arrays import Array
 from protos.run_config import RunConfig
@@ -45,8 +45,12 @@ class RunInfo(Strict):
     created_at: float
     clients: int = 0
     rounds_completed: int = 0
-    best_accuracy: float | None = None
+    best_accuracy: float | None = Field(default=None, description="best test accuracy seen (test data picks it)")
     final_accuracy: float | None = None
+    selected_state: int | None = Field(
+        default=None, description="the state GET /prompt hands out: lowest validation loss (None: none yet)"
+    )
+    selected_val_loss: float | None = None
     error: str | None = None
 
 
@@ -82,6 +86,11 @@ class ClientMetrics(Strict):
     test_accuracy: float | None = None
     test_loss: float | None = None
     n_test: int = 0
+    val_loss: float | None = Field(
+        default=None, description="the received global state's loss on the site's validation split"
+    )
+    val_accuracy: float | None = None
+    n_val: int = Field(default=0, description="validation examples behind val_loss (0: none held out)")
     service_calls: int = 0
     service_rows: int = 0
     service_bytes_sent: int = 0
@@ -127,11 +136,30 @@ class UpdateAck(Strict):
 
 
 class EvalReport(Strict):
-    """Evaluation of a final (``done``) prompt: ``POST /v1/runs/{id}/rounds/{r}/eval``."""
+    """Evaluation of the final (``done``) state: ``POST /v1/runs/{id}/rounds/{r}/eval``, r the last
+    round. Test metrics (a site with a test split), validation metrics (a site with a validation
+    split: the final state is a selection candidate too), or both."""
 
-    test_accuracy: float = Field(ge=0, le=1)
-    n_test: int = Field(ge=1)
+    test_accuracy: float | None = Field(default=None, ge=0, le=1)
+    n_test: int = Field(default=0, ge=0)
     test_loss: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = Field(default=None, ge=0, le=1)
+    n_val: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalReport:
+        if (self.test_accuracy is None) != (self.n_test == 0):
+            raise ValueError("test_accuracy and n_test >= 1 go together")
+        if (self.val_loss is None) != (self.n_val == 0):
+            raise ValueError("val_loss and n_val >= 1 go together")
+        if self.n_test == 0 and self.n_val == 0:
+            raise ValueError("an evaluation reports test metrics, validation metrics or both")
+        for name in ("test_loss", "val_loss"):
+            value = getattr(self, name)
+            if value is not None:
+                _finite(value, name)
+        return self
 
 
 class ParticipantRecord(Strict):
@@ -165,6 +193,12 @@ class RoundRecord(Strict):
     final_test_accuracy: float | None = Field(
         default=None, description="accuracy of state r+1, last round only"
     )
+    val_loss: float | None = Field(
+        default=None, description="validation loss of global state r (start of round), weighted by n_val"
+    )
+    val_accuracy: float | None = None
+    n_val: int = 0
+    final_val_loss: float | None = Field(default=None, description="validation loss of state r+1, last round only")
     bytes_in: int = 0
     bytes_out: int = 0
     opened_at: float | None = None
@@ -185,12 +219,19 @@ class ClientSummary(Strict):
     train_loss: float | None = Field(default=None, description="its train loss in its latest round")
 
 
+PromptChoice = Literal["selected", "final", "state"]
+
+
 class PromptResponse(Strict):
-    """``GET /v1/runs/{id}/prompt``: all that is needed to use the tuned prompt with the service."""
+    """``GET /v1/runs/{id}/prompt[?state=selected|final|N]``: all that is needed to use a tuned
+    prompt with the service. ``selected`` (the default) is the state with the lowest validation
+    loss the sites reported (the final state where none was reported); test data never chooses."""
 
     z: Array
     projection: ProjectionSpec
-    round: int = Field(description="number of aggregated rounds behind z")
+    round: int = Field(description="number of aggregated rounds behind z (the state's index)")
+    chosen: PromptChoice = "final"
+    val_loss: float | None = Field(default=None, description="the state's validation loss, if reported")
     task: str
     template: str | None = None
     labels: list[str] | None = None

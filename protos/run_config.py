@@ -69,6 +69,15 @@ class RunConfig(Strict):
     # Evaluation of the global prompt on the clients' test splits.
     eval_every: int = Field(default=1, ge=0, description="0: only the final prompt is evaluated")
 
+    # Federated validation and prompt selection (docs/coordinator.md, "Selection").
+    val_share: float = Field(
+        default=0.25,
+        ge=0,
+        lt=1,
+        description="share of each site's examples held out to validate every global state (0: none); "
+        "the run hands out the state with the lowest validation loss",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.labels is not None and (len(self.labels) < 1 or any(not x.strip() for x in self.labels)):

@@ -114,13 +114,24 @@ def test_two_clients_two_rounds_then_evaluate(model_url: str, coordinator_url: s
             names = sorted(p["name"] for p in record["participants"])
             assert names == ["site-0", "site-1"], record  # each client's update arrived once
             for p in record["participants"]:
-                assert p["n_samples"] == 6
-                assert p["metrics"]["service_calls"] >= 2 * 2 + 2
+                # 6 examples a site, val_share 0.25: 1 held out for validation, 5 trained on.
+                assert p["n_samples"] == 5 and p["metrics"]["n_val"] == 1
+                assert 0 <= p["metrics"]["val_loss"] < 50
+                assert p["metrics"]["service_calls"] >= 2 * 2 + 3
                 assert p["metrics"]["service_bytes_sent"] > 0
+            assert record["n_val"] == 2 and record["val_loss"] == pytest.approx(
+                np.mean([p["metrics"]["val_loss"] for p in record["participants"]])
+            )
         assert rounds[-1].get("final_test_accuracy") is not None
+        assert rounds[-1].get("final_val_loss") is not None  # the final state is a candidate too
+        final = PromptResponse.model_validate_json(admin.get(f"/v1/runs/{run_id}/prompt?state=final").content)
+        assert final.round == 2 and final.chosen == "final"
+        assert not np.allclose(final.z.numpy(), mean_before)  # the global mean moved
+        losses = {r["round"]: r["val_loss"] for r in rounds} | {2: rounds[-1]["final_val_loss"]}
         prompt = PromptResponse.model_validate_json(admin.get(f"/v1/runs/{run_id}/prompt").content)
-        assert prompt.round == 2
-        assert not np.allclose(prompt.z.numpy(), mean_before)  # the global mean moved
+        assert prompt.chosen == "selected" and prompt.round == min(losses, key=lambda k: (losses[k], k))
+        assert prompt.val_loss == pytest.approx(losses[prompt.round])
+        assert info["selected_state"] == prompt.round
 
     argv = fedbpt_command(
         "evaluate", "--model-endpoint", model_url, "--data", str(test_file),
@@ -133,7 +144,7 @@ def test_two_clients_two_rounds_then_evaluate(model_url: str, coordinator_url: s
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "prompt of round 2" in done.stdout
+    assert f"prompt of round {prompt.round}" in done.stdout
     assert re.search(r"accuracy: [01]\.\d{4} \(\d+/12\)", done.stdout)
 
 
