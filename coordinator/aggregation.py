@@ -9,8 +9,12 @@
    its sigma set to sigma', one ``ask`` (its sample discarded; pycma requires the call and may
    re-decompose C there), one ``tell`` of the M local means with their fitnesses: pycma ranks
    them, clips over-long moves, updates the paths, sigma (CSA) and C.
+   ``server_weights: equal`` recombines the M means with weight 1/M each instead of pycma's rank
+   weights (under label skew the clients' losses are not comparable, so ranking them across
+   clients pulls the mean toward the sites whose own data is easiest: docs/results.md).
 3. The clients' next sigma = previous client sigma * (sigma after tell / sigma'), raised to
-   ``sigma_floor`` when one is set (the reference's 0.5 floor never acts; ours is off by default).
+   ``sigma_floor`` / lowered to ``sigma_ceiling`` when set (the reference's 0.5 floor never acts;
+   both are off by default).
 
 ``fedavg`` (the paper's FedAvg-BBT baseline): the n_samples-weighted mean of the local means, a fixed
 sigma (``fedavg_sigma``, else ``projection.sigma0``) and C = I.
@@ -152,7 +156,8 @@ def _cmaes(
     fitnesses = [float(c.fitness) for c in usable]
     if len(solutions) == 1:
         solutions, fitnesses = solutions * 2, fitnesses * 2
-    es = restore(state, len(solutions), config.rounds, config.projection.sigma0, eigenmethod)
+    equal = config.server_weights == "equal"
+    es = restore(state, len(solutions), config.rounds, config.projection.sigma0, eigenmethod, equal)
     es.sigma = sigma_prime
     # The reference asks for M samples and throws them away; pycma's ask matters only for what it
     # does before sampling (its lazy eigen-decomposition of C), which one sample triggers the same
@@ -163,6 +168,8 @@ def _cmaes(
     client_sigma = float(es.sigma / sigma_prime * state.sigma)
     if config.sigma_floor is not None:
         client_sigma = max(client_sigma, config.sigma_floor)
+    if config.sigma_ceiling is not None:
+        client_sigma = min(client_sigma, config.sigma_ceiling)
     es.sigma = client_sigma
     return Outcome(state=capture(es), server_sigma=sigma_prime)
 

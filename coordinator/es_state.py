@@ -92,12 +92,15 @@ class EigenCache:
 EIGEN_CACHE = EigenCache()
 
 
-def es_options(popsize: int, maxiter: int, eigenmethod: Callable[..., Any] | None = None) -> dict[str, Any]:
+def es_options(
+    popsize: int, maxiter: int, eigenmethod: Callable[..., Any] | None = None, equal_weights: bool = False
+) -> dict[str, Any]:
     """The server ES's pycma options: the reference's (popsize = CMA_mu = M, maxiter = rounds),
-    with CSA pinned and no global RNG side effects (module docstring)."""
+    with CSA pinned and no global RNG side effects (module docstring). ``equal_weights``: every
+    told solution gets weight 1/M (pycma's ``CMA_recombination_weights``) instead of rank weights."""
     import cma
 
-    return {
+    options: dict[str, Any] = {
         "popsize": popsize,
         "CMA_mu": popsize,
         "maxiter": maxiter,
@@ -107,6 +110,10 @@ def es_options(popsize: int, maxiter: int, eigenmethod: Callable[..., Any] | Non
         "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA,
         "CMA_eigenmethod": eigenmethod or EIGEN_CACHE,
     }
+    if equal_weights:
+        # pycma wants a last weight <= 0: one more, zero-weighted, slot that no solution fills.
+        options["CMA_recombination_weights"] = [1.0] * popsize + [0.0]
+    return options
 
 
 @dataclass
@@ -193,6 +200,7 @@ def restore(
     maxiter: int,
     sigma0: float,
     eigenmethod: Callable[..., Any] | None = None,
+    equal_weights: bool = False,
 ) -> Any:
     """A pycma ES for ``popsize`` clients carrying ``state`` exactly.
 
@@ -204,7 +212,8 @@ def restore(
     if state.es is None:
         raise ValueError("a fedavg state has no CMA-ES to restore")
     core = state.es
-    es = cma.CMAEvolutionStrategy(state.mean.copy(), sigma0, es_options(popsize, maxiter, eigenmethod))
+    options = es_options(popsize, maxiter, eigenmethod, equal_weights)
+    es = cma.CMAEvolutionStrategy(state.mean.copy(), sigma0, options)
     es.sigma = state.sigma
     es.countiter = core.countiter
     es.countevals = core.countevals

@@ -3,8 +3,9 @@
 ``fedbpt simulate --data DIR`` takes a folder with ``train.*`` and ``test.*`` (.jsonl/.csv/.tsv), or
 ``hf:NAME[/CONFIG]`` for a Hugging Face dataset. The training pool is first cut to ``k_shot``
 examples per class (whole federation, seeded), then split IID or with Dirichlet label skew. The test
-set is dealt round-robin into one shard per client: each client scores the global prompt on its own
-shard, and the coordinator's accuracy (weighted by shard size) is the accuracy on the whole test set.
+set (or a fixed sample of it, ``round_test_limit``) is dealt round-robin into one shard per client:
+each client scores the global prompt on its own shard, and the coordinator's accuracy (weighted by
+shard size) is the accuracy on the shards together; the whole set is also written as ``test.jsonl``.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ class Sources:
 @dataclass(frozen=True)
 class FederationFiles:
     train: list[Path]  # one per client
-    test: list[Path]  # one shard per client
+    test: list[Path]  # one shard per client (of the per-round test set)
+    whole_test: Path  # the whole test set: the selected and final prompts are scored on it
     counts: np.ndarray  # [clients, classes] training labels per client
     classes: list[str]
     test_size: int
     entropy: float
+    round_test_size: int = 0  # examples in the clients' shards (the per-round curve)
 
 
 def find_sources(data: str, test_split: str = "test") -> Sources:
@@ -71,8 +74,11 @@ def prepare(
     test_limit: int | None = None,
     text_column: str = "text",
     label_column: str = "label",
+    round_test_limit: int | None = None,
 ) -> FederationFiles:
-    """Write ``client_<k>.jsonl`` and ``test_<k>.jsonl`` under ``out`` and return their paths."""
+    """Write ``client_<k>.jsonl``, ``test_<k>.jsonl`` and ``test.jsonl`` under ``out``; return their
+    paths. ``round_test_limit``: the clients' shards (scored during the rounds) hold a fixed seeded
+    sample of that many test examples, the whole test set stays in ``test.jsonl``."""
     raw = load_labeled_texts(sources.train, text_column, label_column)
     labels = encode_labels(raw.labels)
     classes = _class_names(raw, labels)
@@ -92,13 +98,27 @@ def prepare(
     if test_limit is not None and test_limit < len(test):
         # A seeded sample, not the head: test files are often sorted by label.
         test = test.subset(np.sort(np.random.RandomState(seed).permutation(len(test))[:test_limit]))
+    write_jsonl(out / "test.jsonl", test.texts, test.labels)
+    per_round = test
+    if round_test_limit is not None and max(round_test_limit, clients) < len(test):
+        pick = np.random.RandomState(seed + 1).permutation(len(test))[: max(round_test_limit, clients)]
+        per_round = test.subset(np.sort(pick))
     train_files, test_files = [], []
     for k, part in enumerate(parts):
         subset = raw.subset(part)
         train_files.append(out / f"client_{k}.jsonl")
         write_jsonl(train_files[-1], subset.texts, subset.labels)
-        shard = test.subset(range(k, len(test), clients))
+        shard = per_round.subset(range(k, len(per_round), clients))
         test_files.append(out / f"test_{k}.jsonl")
         write_jsonl(test_files[-1], shard.texts, shard.labels)
     counts = label_counts(labels, parts, len(classes))
-    return FederationFiles(train_files, test_files, counts, classes, len(test), mean_label_entropy(counts))
+    return FederationFiles(
+        train_files,
+        test_files,
+        out / "test.jsonl",
+        counts,
+        classes,
+        len(test),
+        mean_label_entropy(counts),
+        len(per_round),
+    )

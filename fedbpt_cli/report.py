@@ -44,20 +44,31 @@ def summarize(
     rounds: Sequence[RoundRecord],
     zero_shot_accuracy: float | None = None,
     wall_seconds: float | None = None,
+    whole_test: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """The run in figures. ``whole_test``: {"selected"|"final": {state, accuracy}} scored on the
+    whole test set after the run (the simulation does); without it the final accuracy is the
+    clients' own report and the selected one unknown."""
     curve = accuracy_curve(rounds)
     best = max(curve, key=lambda p: p[1]) if curve else None
     closed = [r for r in rounds if r.state == "closed"]
     final = curve[-1] if curve and closed and curve[-1][0] == closed[-1].round + 1 else None
+    whole = whole_test or {}
+    selected, last = whole.get("selected", {}), whole.get("final", {})
     return {
         "run_id": info.run_id,
         "state": info.state,
         "rounds_completed": len(closed),
         "zero_shot_accuracy": zero_shot_accuracy,
         "initial_accuracy": curve[0][1] if curve and curve[0][0] == 0 else None,
+        # On the whole test set: the prompt the run hands out (chosen by validation loss) and the last.
+        "selected_accuracy": selected.get("accuracy"),
+        "selected_state": selected.get("state", info.selected_state),
+        "final_accuracy": last.get("accuracy", final[1] if final else None),
+        "final_state": last.get("state", closed[-1].round + 1 if closed else None),
+        # Picked with test data (hindsight, on the per-round test set): a reference, never handed out.
         "best_accuracy": best[1] if best else None,
         "best_state": best[0] if best else None,
-        "final_accuracy": final[1] if final else None,
         "final_train_loss": closed[-1].train_loss if closed else None,
         "participants_per_round": statistics.fmean(len(r.participants) for r in closed) if closed else 0.0,
         "bytes_per_client_per_round": bytes_per_client_round(closed),
@@ -65,8 +76,14 @@ def summarize(
     }
 
 
-def plot_curves(rounds: Sequence[RoundRecord], path: Path, zero_shot_accuracy: float | None = None) -> None:
-    """Accuracy of each global state, mean train loss and client sigma per round, one PNG."""
+def plot_curves(
+    rounds: Sequence[RoundRecord],
+    path: Path,
+    zero_shot_accuracy: float | None = None,
+    selected_state: int | None = None,
+) -> None:
+    """Accuracy of each global state (the selected one marked), train and validation loss, and
+    client sigma per round, one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers
@@ -80,6 +97,8 @@ def plot_curves(rounds: Sequence[RoundRecord], path: Path, zero_shot_accuracy: f
         ax.plot([p[0] for p in curve], [p[1] for p in curve], marker="o", ms=3, label="global prompt")
     if zero_shot_accuracy is not None:
         ax.axhline(zero_shot_accuracy, color="grey", ls="--", label=f"zero-shot {zero_shot_accuracy:.3f}")
+    if selected_state is not None:
+        ax.axvline(selected_state, color="tab:purple", ls=":", label=f"selected (state {selected_state})")
     ax.set(
         title="test accuracy of the global prompt",
         xlabel="global state (rounds aggregated)",
@@ -91,8 +110,18 @@ def plot_curves(rounds: Sequence[RoundRecord], path: Path, zero_shot_accuracy: f
     ax = axes[1]
     losses = [(r.round, r.train_loss) for r in closed if r.train_loss is not None]
     if losses:
-        ax.plot([p[0] for p in losses], [p[1] for p in losses], marker="o", ms=3, color="tab:red")
-    ax.set(title="mean client train loss (after local training)", xlabel="round", ylabel="cross-entropy")
+        ax.plot([p[0] for p in losses], [p[1] for p in losses], marker="o", ms=3, color="tab:red", label="train")
+    val = [(r.round, r.val_loss) for r in closed if r.val_loss is not None]
+    if closed and closed[-1].final_val_loss is not None:
+        val.append((closed[-1].round + 1, closed[-1].final_val_loss))
+    if val:
+        ax.plot([p[0] for p in val], [p[1] for p in val], marker="s", ms=3, color="tab:purple", label="validation")
+        ax.legend(loc="upper right")
+    ax.set(
+        title="loss: train (after local training), validation (of state r)",
+        xlabel="round / state",
+        ylabel="cross-entropy",
+    )
     ax.grid(alpha=0.3)
 
     ax = axes[2]
@@ -136,7 +165,7 @@ def write_report(
 ) -> dict[str, Any]:
     """Write the three report files and return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(info, rounds, zero_shot_accuracy, wall_seconds)
+    summary = summarize(info, rounds, zero_shot_accuracy, wall_seconds, simulation.get("whole_test"))
     report = {
         "summary": summary,
         "simulation": simulation,
@@ -147,5 +176,5 @@ def write_report(
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     if prompt is not None:
         (out_dir / "prompt.json").write_text(prompt.model_dump_json(indent=2))
-    plot_curves(rounds, out_dir / "curves.png", zero_shot_accuracy)
+    plot_curves(rounds, out_dir / "curves.png", zero_shot_accuracy, summary["selected_state"])
     return summary

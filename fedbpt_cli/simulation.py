@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fed_clients.data import DataError, LabeledTexts, load_labeled_texts
+from fed_clients.data import DataError, load_labeled_texts
 from fed_clients.evaluate import evaluate_prompt
 from fed_clients.inputs import encode_split, input_budget
 from fed_clients.model_api import ModelService
@@ -52,6 +52,9 @@ class Simulation:
     alpha: float | None = None
     k_shot: int | None = None
     test_limit: int | None = None
+    # Clients score each global state on a fixed sample of this many test examples (a cheaper curve);
+    # the selected and final prompts are scored on the whole test set all the same.
+    round_test_limit: int | None = None
     model: str | None = None
     head: str | None = None
     test_split: str = "test"
@@ -102,6 +105,7 @@ class Simulation:
             self.test_limit,
             self.text_column,
             self.label_column,
+            self.round_test_limit,
         )
         table = Table(
             title=f"training examples per client ({'IID' if self.alpha is None else f'Dirichlet alpha={self.alpha}'})"
@@ -112,7 +116,10 @@ class Simulation:
         for k, row in enumerate(files.counts):
             table.add_row(f"site-{k}", *(str(int(v)) for v in row))
         console.print(table)
-        console.print(f"test set: {files.test_size} examples of {sources.test}, one shard per client")
+        console.print(
+            f"test set: {files.test_size} examples of {sources.test}; each round scores "
+            f"{files.round_test_size} of them, one shard per client"
+        )
         return files
 
     def _run(
@@ -155,18 +162,19 @@ class Simulation:
             info, rounds = watch.follow(http, run_id, console, check)
             self._wait_for_clients(federation, console)
             info, rounds = watch.fetch(http, run_id)
-            prompt_response = http.get(f"/v1/runs/{run_id}/prompt")
-        prompt = (
-            PromptResponse.model_validate_json(prompt_response.content)
-            if prompt_response.is_success
-            else None
-        )
+            prompts = {which: self._get_prompt(http, run_id, which) for which in ("selected", "final")}
+        with console.status("scoring the selected and the final prompt on the whole test set"):
+            scored = self._score_prompts(federation.model_url, files, prompts)
         summary = write_report(
             self.out,
             info,
             rounds,
-            prompt,
-            {**self._description(federation, files), "client_peak_rss_bytes": memory.max_bytes},
+            prompts["selected"],
+            {
+                **self._description(federation, files),
+                "client_peak_rss_bytes": memory.max_bytes,
+                "whole_test": scored,
+            },
             zero_shot_accuracy=zero_shot,
             wall_seconds=time.monotonic() - started,
         )
@@ -176,12 +184,34 @@ class Simulation:
             return EXIT_FAILED
         return EXIT_OK
 
+    @staticmethod
+    def _get_prompt(http: Any, run_id: str, which: str) -> PromptResponse | None:
+        response = http.get(f"/v1/runs/{run_id}/prompt", params={"state": which})
+        return PromptResponse.model_validate_json(response.content) if response.is_success else None
+
+    def _score_prompts(
+        self, model_url: str, files: federation_data.FederationFiles, prompts: dict[str, PromptResponse | None]
+    ) -> dict[str, dict[str, float | int]]:
+        """{which: {state, accuracy}} of each prompt on the whole test set (one scoring per state)."""
+        by_state: dict[int, float] = {}
+        out: dict[str, dict[str, float | int]] = {}
+        for which, prompt in prompts.items():
+            if prompt is None:
+                continue
+            if prompt.round not in by_state:
+                by_state[prompt.round] = self._accuracy(model_url, files, prompt)
+            out[which] = {"state": prompt.round, "accuracy": by_state[prompt.round]}
+        return out
+
     def _zero_shot(self, model_url: str, files: federation_data.FederationFiles) -> float:
-        """Accuracy with no prompt rows at all on the whole test set (all shards)."""
-        shards = [load_labeled_texts(p) for p in files.test]
-        test = LabeledTexts(
-            [t for s in shards for t in s.texts], [y for s in shards for y in s.labels], "test shards"
-        )
+        """Accuracy with no prompt rows at all on the whole test set."""
+        return self._accuracy(model_url, files, None)
+
+    def _accuracy(
+        self, model_url: str, files: federation_data.FederationFiles, prompt: PromptResponse | None
+    ) -> float:
+        """Accuracy of ``prompt`` (None: no prompt rows) on the whole test set, through the service."""
+        test = load_labeled_texts(str(files.whole_test))
         with JsonService(name="model service", base_url=model_url, timeout_s=900) as http:
             model = ModelService(http)
             task = resolve_config(self.config, model.info().head)
@@ -189,7 +219,9 @@ class Simulation:
                 model, task, self.config.projection.prompt_length, self.config.max_input_tokens
             )
             split = encode_split(model, test, task, budget)
-            return evaluate_prompt(model, task.spec, split, batch_size=256).accuracy
+            z = None if prompt is None else prompt.z.numpy()
+            projection = None if prompt is None else prompt.projection
+            return evaluate_prompt(model, task.spec, split, z=z, projection=projection, batch_size=256).accuracy
 
     @staticmethod
     def _wait_for_clients(federation: LocalFederation, console: Console, timeout_s: float = 600.0) -> None:
@@ -232,8 +264,14 @@ class Simulation:
         table.add_column("value", justify="right")
         table.add_row("zero-shot accuracy", pct(summary["zero_shot_accuracy"]))
         table.add_row("initial prompt (state 0)", pct(summary["initial_accuracy"]))
-        table.add_row(f"best (state {summary['best_state']})", pct(summary["best_accuracy"]))
-        table.add_row("final prompt", pct(summary["final_accuracy"]))
+        table.add_row(
+            f"[bold]selected prompt[/] (state {summary['selected_state']}, lowest validation loss)",
+            pct(summary["selected_accuracy"]),
+        )
+        table.add_row(f"final prompt (state {summary['final_state']})", pct(summary["final_accuracy"]))
+        table.add_row(
+            f"best by test, hindsight (state {summary['best_state']})", pct(summary["best_accuracy"])
+        )
         table.add_row("rounds completed", str(summary["rounds_completed"]))
         for link, value in summary["bytes_per_client_per_round"].items():
             table.add_row(f"bytes/client/round {link.replace('_', ' ')}", f"{value:,.0f}")

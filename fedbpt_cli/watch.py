@@ -35,7 +35,7 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 def round_line(record: RoundRecord) -> str:
     return (
         f"round {record.round:>3}  clients {len(record.participants)}  "
-        f"loss {_fmt(record.train_loss)}  acc {_fmt(record.test_accuracy)}  "
+        f"loss {_fmt(record.train_loss)}  val loss {_fmt(record.val_loss)}  acc {_fmt(record.test_accuracy)}  "
         f"sigma {_fmt(record.sigma_before, '.4g')} -> {_fmt(record.sigma_after, '.4g')}"
     )
 

@@ -56,6 +56,12 @@ class RunConfig(Strict):
         description="reference: sqrt(sum sigma^2/(M*mu)); paper: Eq. 6 over the best half",
     )
     sigma_floor: float | None = Field(default=None, gt=0, description="lower bound of the clients' sigma")
+    sigma_ceiling: float | None = Field(default=None, gt=0, description="upper bound of the clients' sigma")
+    server_weights: Literal["rank", "equal"] = Field(
+        default="rank",
+        description="rank: pycma's rank weights over the clients' fitnesses (the reference); "
+        "equal: the M local means weigh 1/M each",
+    )
     covariance: Literal["full", "diagonal"] = Field(
         default="full", description="what the task carries: the d x d matrix or only its diagonal"
     )

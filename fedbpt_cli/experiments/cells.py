@@ -97,6 +97,7 @@ def run_black_box(
             alpha=cell.alpha,
             k_shot=grid.k_shot,
             test_split=grid.datasets[cell.dataset].test_split,
+            round_test_limit=grid.datasets[cell.dataset].round_test_limit,
             overwrite=True,
             console=Console(file=log, width=120),
             model_url=model_url,
@@ -118,6 +119,8 @@ def result_from_report(cell: Cell, report: dict[str, Any]) -> CellResult:
     curve = accuracy_curve(rounds)
     best, state, final = best_and_final(curve, len(closed))
     summary, simulation = report["summary"], report["simulation"]
+    if summary.get("final_accuracy") is not None:
+        final = summary["final_accuracy"]  # on the whole test set
     train_rows = sum(p.metrics.service_rows for r in closed for p in r.participants)
     return CellResult(
         cell=cell,
@@ -125,6 +128,8 @@ def result_from_report(cell: Cell, report: dict[str, Any]) -> CellResult:
         best_accuracy=best,
         best_state=state,
         final_accuracy=final,
+        selected_accuracy=summary.get("selected_accuracy"),
+        selected_state=summary.get("selected_state"),
         test_size=int(simulation["test_size"]),
         rounds=len(closed),
         clients=int(simulation["clients"]),
@@ -134,6 +139,7 @@ def result_from_report(cell: Cell, report: dict[str, Any]) -> CellResult:
         wall_seconds=float(summary["wall_seconds"] or 0.0),
         details={
             "train_loss": [r.train_loss for r in closed],
+            "val_loss": [r.val_loss for r in closed] + [closed[-1].final_val_loss if closed else None],
             "sigma": [r.sigma_before for r in closed],
             "label_counts": simulation["label_counts"],
             "mean_label_entropy": simulation["mean_label_entropy"],

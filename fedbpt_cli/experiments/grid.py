@@ -13,11 +13,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Method = Literal["zero_shot", "centralized_bbt", "fedbpt", "fedbpt_no_perturb", "fedavg_bbt", "fedprompt"]
+Method = Literal[
+    "zero_shot",
+    "centralized_bbt",
+    "fedbpt",
+    "fedbpt_reference",
+    "fedbpt_no_perturb",
+    "fedavg_bbt",
+    "fedprompt",
+]
 METHODS: tuple[Method, ...] = (
     "zero_shot",
     "centralized_bbt",
     "fedbpt",
+    "fedbpt_reference",
     "fedbpt_no_perturb",
     "fedavg_bbt",
     "fedprompt",
@@ -26,6 +35,7 @@ LABELS: dict[str, str] = {
     "zero_shot": "zero-shot (no prompt)",
     "centralized_bbt": "centralized BBT (1 site, all data)",
     "fedbpt": "FedBPT",
+    "fedbpt_reference": "FedBPT, reference settings",
     "fedbpt_no_perturb": "FedBPT without perturbation",
     "fedavg_bbt": "FedAvg-BBT",
     "fedprompt": "FedPrompt (white-box, gradients)",
@@ -34,6 +44,17 @@ LABELS: dict[str, str] = {
 BLACK_BOX: dict[str, dict[str, Any]] = {
     "centralized_bbt": {"aggregator": "cmaes", "perturb": False},
     "fedbpt": {"aggregator": "cmaes", "perturb": True},
+    # The paper's algorithm as the reference code runs it: BBT's placeholder p0, no validation split
+    # (every example trains; the run hands out its final state), pycma's rank weights, no sigma bounds.
+    "fedbpt_reference": {
+        "aggregator": "cmaes",
+        "perturb": True,
+        "projection": {"init_text": None},
+        "val_share": 0.0,
+        "server_weights": "rank",
+        "sigma_floor": None,
+        "sigma_ceiling": None,
+    },
     "fedbpt_no_perturb": {"aggregator": "cmaes", "perturb": False},
     "fedavg_bbt": {"aggregator": "fedavg", "perturb": False},
 }
@@ -48,6 +69,12 @@ class DatasetEntry(_Strict):
     data: str = Field(description="folder (relative to --data) with train/test files, or hf:NAME")
     run: dict[str, Any] = Field(default_factory=dict, description="RunConfig fields for this dataset")
     test_split: str = "test"
+    round_test_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="score each round's global state on a fixed sample of this many test examples "
+        "(the curve and best-by-test); the selected and final prompts are scored on the whole test set",
+    )
 
 
 class WhiteBox(_Strict):

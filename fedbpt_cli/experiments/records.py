@@ -18,9 +18,14 @@ class CellResult(BaseModel):
     status: str = "ok"
     # (global state, test accuracy): state r is the prompt after r rounds; state 0 the initial one.
     curve: list[tuple[int, float]] = Field(default_factory=list)
+    # best: picked with test data (hindsight, a reference); selected: the state the run hands out
+    # (lowest validation loss; test data never chooses it); final: the last state. Selected and
+    # final are scored on the whole test set, best on the per-round test set (grid: eval_subset).
     best_accuracy: float | None = None
     best_state: int | None = None
     final_accuracy: float | None = None
+    selected_accuracy: float | None = None
+    selected_state: int | None = None
     test_size: int = 0
     rounds: int = 0
     clients: int = 0

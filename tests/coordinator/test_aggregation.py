@@ -280,6 +280,38 @@ def test_paper_sigma_and_sigma_floor() -> None:
     np.testing.assert_array_equal(floored.state.mean, free.state.mean)
 
 
+def test_equal_server_weights_move_the_mean_to_the_clients_average_from_a_moved_state() -> None:
+    """server_weights: equal: the new mean is the plain average of the local means, whatever their
+    fitnesses (from a state already away from 0); rank weights favour the best-ranked client."""
+    d = 12
+    rng = np.random.default_rng(5)
+    state = initial_es(d, 1.0, 4, 10)
+    state = aggregate(config(d), state, contributions(state, rng, 4, spread=(0.2, 0.4))).state
+    assert np.linalg.norm(state.mean) > 0.1
+    four = contributions(state, rng, 4, spread=(0.2, 0.4))
+    equal = aggregate(config(d, server_weights="equal"), state, four)
+    np.testing.assert_allclose(equal.state.mean, np.mean([c.mean for c in four], axis=0), rtol=0, atol=1e-12)
+    # The same solutions with their fitnesses reordered move an equal-weights mean nowhere else.
+    shuffled = [Contribution(c.client_id, c.mean, float(k), c.sigmas, c.mu, c.n_samples) for k, c in enumerate(four)]
+    again = aggregate(config(d, server_weights="equal"), state, shuffled[::-1])
+    np.testing.assert_allclose(again.state.mean, equal.state.mean, rtol=0, atol=1e-12)
+    ranked = aggregate(config(d), state, four)
+    best = min(four, key=lambda c: c.fitness)
+    assert np.linalg.norm(ranked.state.mean - best.mean) < np.linalg.norm(equal.state.mean - best.mean)
+
+
+def test_sigma_ceiling_caps_the_clients_sigma() -> None:
+    d = 30
+    state = initial_es(d, 1.0, 3, 10)
+    three = contributions(state, np.random.default_rng(2), 3)
+    free = aggregate(config(d), state, three)
+    capped = aggregate(config(d, sigma_ceiling=free.state.sigma / 2), state, three)
+    assert capped.state.sigma == free.state.sigma / 2
+    np.testing.assert_array_equal(capped.state.mean, free.state.mean)
+    above = aggregate(config(d, sigma_ceiling=free.state.sigma * 2), state, three)
+    assert above.state.sigma == free.state.sigma
+
+
 def test_fedavg_is_the_n_weighted_mean_with_fixed_sigma_and_identity_cov() -> None:
     d = 8
     cfg = config(d, aggregator="fedavg", fedavg_sigma=0.7)
