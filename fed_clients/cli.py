@@ -199,6 +199,12 @@ def evaluate(
     max_input_tokens: int = typer.Option(256, help="inputs are truncated to this many tokens"),
     batch_size: int = typer.Option(256, min=1, help="inputs per score call (progress granularity)"),
     limit: int | None = typer.Option(None, min=1, help="evaluate only the first N examples"),
+    state: list[str] | None = typer.Option(
+        None,
+        "--state",
+        help="with a coordinator /prompt URL: which state(s), side by side (repeat): selected (the "
+        "default: lowest validation loss), final, N, or best (every state scored on THIS data: hindsight)",
+    ),
 ) -> None:
     """Accuracy (and a confusion table) of a prompt, or of no prompt (zero-shot), on a dataset."""
     settings = _settings(
@@ -219,9 +225,12 @@ def evaluate(
     from fed_clients.presets import PresetError, resolve_task
     from fed_clients.transport import ServiceError, ServiceUnavailable
 
+    if state and not (run_prompt or "").startswith(("http://", "https://")):
+        raise _fail("--state needs --run-prompt as a coordinator /v1/runs/{id}/prompt URL")
     model_http = _service(settings, "model service", settings.model_endpoint, _secret(settings.api_key))
     try:
-        prompt = _load_prompt(run_prompt, settings) if run_prompt else None
+        prompts = _load_prompts(run_prompt, settings, state or []) if run_prompt else {}
+        prompt = next(iter(prompts.values()), None)
         model = ModelService(model_http, max_ids_per_call=settings.max_ids_per_call)
         head = model.info().head
         task_name = task or (prompt.task if prompt else "sst2")
@@ -237,7 +246,15 @@ def evaluate(
         if limit is not None:
             raw = raw.subset(range(min(limit, len(raw))))
         split = encode_split(model, raw, resolved, budget, settings.label_names)
-        result = _run_evaluation(model, resolved.spec, split, prompt, batch_size)
+        results = {
+            which: _run_evaluation(model, resolved.spec, split, p, batch_size) for which, p in prompts.items()
+        }
+        if "best" in (state or []):
+            results["best"], prompts["best"] = _best_state(
+                run_prompt or "", settings, model, resolved, split, batch_size
+            )
+        if not prompts:
+            results["zero-shot"] = _run_evaluation(model, resolved.spec, split, None, batch_size)
     except ServiceUnavailable as exc:
         raise _fail(str(exc), EXIT_UNAVAILABLE) from None
     except (ServiceError, DataError, PresetError, ValueError) as exc:
@@ -245,10 +262,41 @@ def evaluate(
     finally:
         model_http.close()
 
-    _print_result(result, resolved, prompt, data, head)
+    first = next(iter(results))
+    _print_result(results[first], resolved, prompts.get(first), data, head)
+    if len(results) > 1:
+        typer.echo("side by side:")
+        for which, result in results.items():
+            typer.echo(
+                f"  {which:>8}: state {prompts[which].round:>4}  accuracy {result.accuracy:.4f}  loss {result.loss:.4f}"
+            )
 
 
-def _load_prompt(source: str, settings: ClientSettings) -> Any:
+def _load_prompts(source: str, settings: ClientSettings, states: list[str]) -> dict[str, Any]:
+    """{state asked for: PromptResponse}; one prompt as given when no state is asked for."""
+    wanted = [s for s in states if s != "best"]
+    if not wanted:
+        return {} if states else {"prompt": _load_prompt(source, settings)}
+    return {which: _load_prompt(source, settings, which) for which in wanted}
+
+
+def _best_state(
+    source: str, settings: ClientSettings, model: Any, resolved: Any, split: Any, batch_size: int
+) -> Any:
+    """(result, prompt) of the state that scores best on ``split``, scanning every stored state:
+    a hindsight figure (the data chose it), printed beside the selected one, never handed out."""
+    final = _load_prompt(source, settings, "final")
+    best: tuple[Any, Any] | None = None
+    for idx in range(final.round + 1):
+        prompt = final if idx == final.round else _load_prompt(source, settings, str(idx))
+        result = _run_evaluation(model, resolved.spec, split, prompt, batch_size)
+        if best is None or result.accuracy > best[0].accuracy:
+            best = (result, prompt)
+    assert best is not None
+    return best
+
+
+def _load_prompt(source: str, settings: ClientSettings, state: str | None = None) -> Any:
     from pydantic import ValidationError
 
     from protos import PromptResponse
@@ -259,8 +307,9 @@ def _load_prompt(source: str, settings: ClientSettings) -> Any:
         parsed = httpx.URL(source)
         base = str(parsed.copy_with(path="/", query=None)).rstrip("/")
         http = _service(settings, "coordinator", base, _secret(settings.token))
+        params = dict(parsed.params) | ({"state": state} if state is not None else {})
         try:
-            return http.get(parsed.path, PromptResponse)
+            return http.get(parsed.path, PromptResponse, params=params)
         finally:
             http.close()
     path = Path(source)
@@ -298,7 +347,8 @@ def _print_result(result: Any, resolved: Any, prompt: Any, data: str, head: str)
 
     console = Console()
     names = list(resolved.class_names or resolved.spec.labels)
-    what = f"prompt of round {prompt.round}" if prompt else "zero-shot (no prompt)"
+    chosen = f", {prompt.chosen}" if prompt is not None and prompt.chosen != "final" else ""
+    what = f"prompt of round {prompt.round}{chosen}" if prompt else "zero-shot (no prompt)"
     table = Table(title="confusion (rows: true label)")
     table.add_column("true \\ predicted")
     for name in names:

@@ -147,6 +147,22 @@ def test_two_clients_two_rounds_then_evaluate(model_url: str, coordinator_url: s
     assert f"prompt of round {prompt.round}" in done.stdout
     assert re.search(r"accuracy: [01]\.\d{4} \(\d+/12\)", done.stdout)
 
+    # Side by side: the selected state, the final one, and the best on this data (hindsight).
+    sides = subprocess.run(
+        [*argv, "--state", "selected", "--state", "final", "--state", "best"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert sides.returncode == 0, sides.stderr
+    found = re.findall(
+        r"^\s+(selected|final|best): state\s+(\d+)\s+accuracy ([01]\.\d{4})", sides.stdout, re.M
+    )
+    rows = {which: (int(idx), float(acc)) for which, idx, acc in found}
+    assert set(rows) == {"selected", "final", "best"}, sides.stdout
+    assert rows["selected"][0] == prompt.round and rows["final"][0] == 2
+    assert rows["best"][1] >= max(rows["selected"][1], rows["final"][1])
+
 
 def _wait_for_log(proc: ManagedProcess, text: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout

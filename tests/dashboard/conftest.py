@@ -17,6 +17,9 @@ from tests.coordinator.conftest import synthetic_update
 
 ADMIN = "dashboard-admin-token"
 ROUNDS = 3
+# Validation loss of states 0..ROUNDS as every site reports it: state 1 is selected.
+VAL_LOSS = [0.70, 0.50, 0.60, 0.65]
+SELECTED = 1
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Flags as root in a container with a closed network: no sandbox, no GPU, no background calls home.
 CHROMIUM_ARGS = [
@@ -59,7 +62,12 @@ def _drive(url: str) -> FinishedRun:
                 )
                 assert task.kind == "train" and task.round == round_, task
                 metrics = ClientMetrics(
-                    train_loss=0.7 - 0.1 * round_, test_accuracy=0.6 + 0.05 * round_ + 0.01 * k, n_test=50
+                    train_loss=0.7 - 0.1 * round_,
+                    test_accuracy=0.6 + 0.05 * round_ + 0.01 * k,
+                    n_test=50,
+                    val_loss=VAL_LOSS[round_],
+                    val_accuracy=0.7,
+                    n_val=2,
                 )
                 update = synthetic_update(task, seed=10 * round_ + k, metrics=metrics)
                 r = http.post(f"/v1/runs/{run_id}/rounds/{round_}/updates", content=update.model_dump_json(),
@@ -67,7 +75,9 @@ def _drive(url: str) -> FinishedRun:
                 assert r.status_code == 200, r.text
         final = {"site-a": 0.8, "site-b": 0.84}
         for name, token in tokens.items():
-            report = EvalReport(test_accuracy=final[name], n_test=50)
+            report = EvalReport(
+                test_accuracy=final[name], n_test=50, val_loss=VAL_LOSS[ROUNDS], val_accuracy=0.7, n_val=2
+            )
             r = http.post(f"/v1/runs/{run_id}/rounds/{ROUNDS - 1}/eval", content=report.model_dump_json(),
                           headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # fmt: skip
             assert r.status_code == 200, r.text

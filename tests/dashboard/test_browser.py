@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from protos import PromptResponse
-from tests.dashboard.conftest import ADMIN, ROUNDS, FinishedRun
+from tests.dashboard.conftest import ADMIN, ROUNDS, SELECTED, VAL_LOSS, FinishedRun
 
 pytestmark = pytest.mark.browser
 
@@ -30,6 +30,7 @@ def test_run_page_shows_charts_clients_and_the_prompt(
     row = page.locator(f"[data-testid=runs-table] tr[data-run-id='{finished_run.run_id}']")
     row.wait_for(timeout=15_000)
     assert "finished" in row.inner_text() and f"{ROUNDS} / {ROUNDS}" in row.inner_text()
+    assert row.locator("td").all_inner_texts()[5] == str(SELECTED)  # the selected state column
     assert "#token" not in page.url  # the token is kept for the tab, not left in the address bar
 
     row.locator("a").click()
@@ -42,6 +43,12 @@ def test_run_page_shows_charts_clients_and_the_prompt(
     assert _points(page, "sigma") == ROUNDS
     assert _points(page, "bytes") == ROUNDS
     assert _points(page, "accuracy") == ROUNDS + 1
+    # Validation loss of states 0..R beside the train loss; the selected state marked on the accuracy.
+    validation = page.evaluate("window.fedbptCharts.loss.data.datasets[1].data.map(p => [p.x, p.y])")
+    assert validation == [[i, v] for i, v in enumerate(VAL_LOSS)]
+    marked = page.evaluate("window.fedbptCharts.accuracy.data.datasets[1].data.map(p => p.x)")
+    assert marked == [SELECTED]
+    assert f"selected state {SELECTED}" in page.locator("#run-summary").inner_text()
     chart_data = page.evaluate("window.fedbptCharts.participants.data.datasets[0].data.map(p => p.y)")
     assert chart_data == [2] * ROUNDS
 
@@ -57,7 +64,7 @@ def test_run_page_shows_charts_clients_and_the_prompt(
     with page.expect_download() as download:
         page.click("[data-testid=download-prompt]")
     prompt = PromptResponse.model_validate_json(Path(download.value.path()).read_bytes())
-    assert prompt.z.numpy().shape == (16,)
+    assert prompt.z.numpy().shape == (16,) and (prompt.chosen, prompt.round) == ("selected", SELECTED)
 
     shots = test_output / "dashboard"
     shots.mkdir(parents=True, exist_ok=True)

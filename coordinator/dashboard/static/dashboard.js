@@ -67,8 +67,9 @@ async function renderRuns() {
     cell(row, run.state);
     cell(row, `${run.rounds_completed} / ${run.config.rounds}`, true);
     cell(row, String(run.clients), true);
-    cell(row, fmt.pct(run.best_accuracy), true);
+    cell(row, run.selected_state === null ? "–" : String(run.selected_state), true);
     cell(row, fmt.pct(run.final_accuracy), true);
+    cell(row, fmt.pct(run.best_accuracy), true);
     cell(row, fmt.time(run.created_at));
     body.appendChild(row);
   }
@@ -110,11 +111,27 @@ function accuracyPoints(rounds) {
   return points;
 }
 
-function renderCharts(rounds) {
+function validationPoints(rounds) {
+  // Round r's val_loss is state r's; the last round's final_val_loss is the final state's.
+  const points = series(rounds, (r) => r.val_loss);
+  const last = rounds.filter((r) => r.state === "closed").at(-1);
+  if (last && last.final_val_loss !== null && last.final_val_loss !== undefined) points.push({ x: last.round + 1, y: last.final_val_loss });
+  return points;
+}
+
+function renderCharts(rounds, selected) {
   const closed = rounds.filter((r) => r.state === "closed");
   const linear = (label, data, color) => ({ label, data, borderColor: color, backgroundColor: color, pointRadius: 3, showLine: true });
-  lineChart("accuracy", "test accuracy of the global prompt", "accuracy", [linear("accuracy", accuracyPoints(rounds), "#1f77b4")], "line", "global state (rounds aggregated)");
-  lineChart("loss", "mean client train loss", "cross-entropy", [linear("train loss", series(closed, (r) => r.train_loss), "#d62728")]);
+  const accuracy = accuracyPoints(rounds);
+  const picked = accuracy.filter((p) => p.x === selected);
+  lineChart("accuracy", "test accuracy of the global prompt", "accuracy", [
+    linear("accuracy", accuracy, "#1f77b4"),
+    { label: "selected (lowest validation loss)", data: picked, borderColor: "#9467bd", backgroundColor: "#9467bd", pointRadius: 10, borderWidth: 3, pointStyle: "crossRot", showLine: false, order: -1 },
+  ], "line", "global state (rounds aggregated)");
+  lineChart("loss", "mean client loss: train, and validation of state r", "cross-entropy", [
+    linear("train loss", series(closed, (r) => r.train_loss), "#d62728"),
+    linear("validation loss", validationPoints(rounds), "#9467bd"),
+  ], "line", "round / state");
   lineChart("sigma", "step sizes", "sigma", [
     linear("client sigma", series(closed, (r) => r.sigma_before), "#2ca02c"),
     linear("server sigma'", series(closed, (r) => r.server_sigma), "#bcbd22"),
@@ -167,12 +184,13 @@ async function renderRun(runId) {
   document.getElementById("run-summary").textContent =
     `${info.rounds_completed} of ${info.config.rounds} rounds · ${info.clients} clients · task ${info.config.task} · ` +
     `aggregator ${info.config.aggregator} · d=${p.intrinsic_dim}, L=${p.prompt_length} · ` +
-    `best ${fmt.pct(info.best_accuracy)} · final ${fmt.pct(info.final_accuracy)}`;
+    `selected state ${info.selected_state ?? "–"} (validation loss ${fmt.num(info.selected_val_loss)}) · ` +
+    `final ${fmt.pct(info.final_accuracy)} · best by test (hindsight) ${fmt.pct(info.best_accuracy)}`;
   document.getElementById("run-error").textContent = info.error || "";
   const button = document.getElementById("download");
   button.disabled = info.state === "created";
   button.onclick = () => downloadPrompt(runId).catch((e) => setStatus(String(e)));
-  renderCharts(rounds);
+  renderCharts(rounds, info.selected_state);
   renderClients(clients);
   return info.state === "running" || info.state === "created";
 }
