@@ -10,7 +10,7 @@ DATA ?= ../shared/data
 OUT ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: test-float bench-vllm dashboard help setup test test-fast test-slow test-vllm setup-vllm lint bench demo reliability experiments experiments-report clean
+.PHONY: paper test-float bench-vllm dashboard help setup test test-fast test-slow test-vllm setup-vllm lint bench demo reliability experiments experiments-report clean
 
 help:
 	@echo "make demo         set up .venv and run a federated SST-2 run on the embedded MiniLM (the main job)"
@@ -24,6 +24,7 @@ help:
 	@echo "make reliability  run the reliability trials and write docs/reliability.md"
 	@echo "make experiments  run the results grid and write docs/results.md (resumes; hours on 2 CPU cores)"
 	@echo "make experiments-report  rewrite docs/results.md from experiments/results/*.json"
+	@echo "make paper        the paper's grid (RoBERTa-large, GPU + hub) -> docs/paper-results.md"
 
 setup: $(STAMP)
 
@@ -97,6 +98,10 @@ JOBS ?= 1
 REPLICAS ?= 1
 experiments: setup
 	$(BIN)/fedbpt experiment experiments/grid.yaml --data $(DATA) --out $(OUT)/experiments --jobs $(JOBS) --replicas $(REPLICAS)
+
+# The paper's grid (RoBERTa-large from the hub, GPU): experiments/paper.yaml -> docs/paper-results.md.
+paper: setup
+	$(BIN)/fedbpt experiment experiments/paper.yaml --data $(DATA) --out $(OUT)/paper --records experiments/paper/results --doc docs/paper-results.md --jobs $(JOBS) --replicas $(REPLICAS)
 
 # docs/results.md again from the committed records, running nothing.
 experiments-report: setup

@@ -98,6 +98,7 @@ def run_black_box(
             k_shot=grid.k_shot,
             test_split=grid.datasets[cell.dataset].test_split,
             round_test_limit=grid.datasets[cell.dataset].round_test_limit,
+            text_column=grid.datasets[cell.dataset].text_column,
             overwrite=True,
             console=Console(file=log, width=120),
             model_url=model_url,
@@ -151,7 +152,7 @@ def test_set(grid: Grid, cell: Cell, data_root: Path) -> LabeledTexts:
     sources = federation_data.find_sources(
         data_source(grid, cell, data_root), grid.datasets[cell.dataset].test_split
     )
-    return load_labeled_texts(sources.test)
+    return load_labeled_texts(sources.test, grid.datasets[cell.dataset].text_column)
 
 
 def run_zero_shot(grid: Grid, cell: Cell, data_root: Path, model_url: str) -> CellResult:
@@ -184,7 +185,13 @@ def run_white_box(grid: Grid, cell: Cell, data_root: Path, work: Path, scorer: A
         data_source(grid, cell, data_root), grid.datasets[cell.dataset].test_split
     )
     files = federation_data.prepare(
-        sources, work / "data", grid.clients, grid.k_shot, cell.alpha, config.seed
+        sources,
+        work / "data",
+        grid.clients,
+        grid.k_shot,
+        cell.alpha,
+        config.seed,
+        text_column=grid.datasets[cell.dataset].text_column,
     )
     task = resolve_task(config.task, scorer.info.head, config.template, config.labels)
     model = PromptModel(

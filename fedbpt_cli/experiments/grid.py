@@ -69,6 +69,7 @@ class DatasetEntry(_Strict):
     data: str = Field(description="folder (relative to --data) with train/test files, or hf:NAME")
     run: dict[str, Any] = Field(default_factory=dict, description="RunConfig fields for this dataset")
     test_split: str = "test"
+    text_column: str = Field(default="text", description="the text column (hf:glue/sst2: sentence)")
     round_test_limit: int | None = Field(
         default=None,
         ge=1,
