@@ -46,7 +46,11 @@ def _score(scorer, spec, ids, projection: ProjectionSpec | None) -> np.ndarray: 
     parts = []
     for start in range(0, len(ids), 256):
         chunk = ids[start : start + 256]
-        z = None if projection is None else Array.from_numpy(np.zeros((1, projection.intrinsic_dim), np.float32))
+        z = (
+            None
+            if projection is None
+            else Array.from_numpy(np.zeros((1, projection.intrinsic_dim), np.float32))
+        )
         request = ScoreRequest(projection=projection, z=z, task=spec, input_ids=chunk)
         parts.append(scorer.score(request).logits.numpy())
     return np.concatenate(parts, axis=1)

@@ -651,7 +651,12 @@ class Engine:
                 )
             if report.val_loss is not None:  # the final state (round_ + 1) is a selection candidate too
                 self.store.add_validation(
-                    run_id, round_ + 1, principal.client_id, report.val_loss, report.val_accuracy, report.n_val
+                    run_id,
+                    round_ + 1,
+                    principal.client_id,
+                    report.val_loss,
+                    report.val_accuracy,
+                    report.n_val,
                 )
             return UpdateAck(accepted=True, duplicate=False, round=round_, round_closed=True)
 
@@ -705,7 +710,15 @@ def _state_index(which: str) -> int:
 def _check_metrics(metrics: ClientMetrics) -> None:
     if (metrics.val_loss is None) != (metrics.n_val == 0):
         raise BadRequest("metrics.val_loss and metrics.n_val >= 1 go together (n_val = 0: no validation)")
-    for name in ("train_loss", "train_accuracy", "test_accuracy", "test_loss", "val_loss", "val_accuracy", "seconds"):
+    for name in (
+        "train_loss",
+        "train_accuracy",
+        "test_accuracy",
+        "test_loss",
+        "val_loss",
+        "val_accuracy",
+        "seconds",
+    ):
         value = getattr(metrics, name)
         if value is not None and not math.isfinite(value):
             raise BadRequest(f"metrics.{name} must be finite, got {value}")

@@ -263,7 +263,9 @@ class SiteClient:
         val = self._evaluate(prepared, z, projection, prepared.val) if prepared.val is not None else None
         self.final_eval = result
         if result is not None:
-            log.info("run %s is done: final prompt test accuracy %.4f (n=%d)", run_id, result.accuracy, result.n)
+            log.info(
+                "run %s is done: final prompt test accuracy %.4f (n=%d)", run_id, result.accuracy, result.n
+            )
         if last_round < 0:
             log.warning("run %s finished without a round; nothing to report the evaluation to", run_id)
             return result

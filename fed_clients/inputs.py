@@ -45,7 +45,9 @@ MIN_TRAIN_EXAMPLES = 2
 _VAL_STREAM = 0x7A1
 
 
-def hold_out(split: EncodedSplit, share: float, seed: int, client_key: str) -> tuple[EncodedSplit, EncodedSplit | None]:
+def hold_out(
+    split: EncodedSplit, share: float, seed: int, client_key: str
+) -> tuple[EncodedSplit, EncodedSplit | None]:
     """(train, validation): ``floor(share * n)`` examples drawn for validation, deterministically from
     the run seed and the site's key (its name), so a restarted or rerun site holds out the same ones.
     A site too small to spare any (nothing drawn, or fewer than MIN_TRAIN_EXAMPLES left) validates
@@ -60,7 +62,9 @@ def hold_out(split: EncodedSplit, share: float, seed: int, client_key: str) -> t
 
 
 def _take(split: EncodedSplit, index: np.ndarray) -> EncodedSplit:
-    return EncodedSplit([split.input_ids[i] for i in index], split.labels[index], split.truncated, split.dropped)
+    return EncodedSplit(
+        [split.input_ids[i] for i in index], split.labels[index], split.truncated, split.dropped
+    )
 
 
 def input_budget(model: ModelService, task: ResolvedTask, prompt_length: int, max_input_tokens: int) -> int:

@@ -101,8 +101,8 @@ def prepare(
     write_jsonl(out / "test.jsonl", test.texts, test.labels)
     per_round = test
     if round_test_limit is not None and max(round_test_limit, clients) < len(test):
-        pick = np.random.RandomState(seed + 1).permutation(len(test))[: max(round_test_limit, clients)]
-        per_round = test.subset(np.sort(pick))
+        sample = np.random.RandomState(seed + 1).permutation(len(test))[: max(round_test_limit, clients)]
+        per_round = test.subset(np.sort(sample))
     train_files, test_files = [], []
     for k, part in enumerate(parts):
         subset = raw.subset(part)

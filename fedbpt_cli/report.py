@@ -110,12 +110,16 @@ def plot_curves(
     ax = axes[1]
     losses = [(r.round, r.train_loss) for r in closed if r.train_loss is not None]
     if losses:
-        ax.plot([p[0] for p in losses], [p[1] for p in losses], marker="o", ms=3, color="tab:red", label="train")
+        ax.plot(
+            [p[0] for p in losses], [p[1] for p in losses], marker="o", ms=3, color="tab:red", label="train"
+        )
     val = [(r.round, r.val_loss) for r in closed if r.val_loss is not None]
     if closed and closed[-1].final_val_loss is not None:
         val.append((closed[-1].round + 1, closed[-1].final_val_loss))
     if val:
-        ax.plot([p[0] for p in val], [p[1] for p in val], marker="s", ms=3, color="tab:purple", label="validation")
+        ax.plot(
+            [p[0] for p in val], [p[1] for p in val], marker="s", ms=3, color="tab:purple", label="validation"
+        )
         ax.legend(loc="upper right")
     ax.set(
         title="loss: train (after local training), validation (of state r)",

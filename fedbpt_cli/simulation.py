@@ -190,7 +190,10 @@ class Simulation:
         return PromptResponse.model_validate_json(response.content) if response.is_success else None
 
     def _score_prompts(
-        self, model_url: str, files: federation_data.FederationFiles, prompts: dict[str, PromptResponse | None]
+        self,
+        model_url: str,
+        files: federation_data.FederationFiles,
+        prompts: dict[str, PromptResponse | None],
     ) -> dict[str, dict[str, float | int]]:
         """{which: {state, accuracy}} of each prompt on the whole test set (one scoring per state)."""
         by_state: dict[int, float] = {}
@@ -221,7 +224,9 @@ class Simulation:
             split = encode_split(model, test, task, budget)
             z = None if prompt is None else prompt.z.numpy()
             projection = None if prompt is None else prompt.projection
-            return evaluate_prompt(model, task.spec, split, z=z, projection=projection, batch_size=256).accuracy
+            return evaluate_prompt(
+                model, task.spec, split, z=z, projection=projection, batch_size=256
+            ).accuracy
 
     @staticmethod
     def _wait_for_clients(federation: LocalFederation, console: Console, timeout_s: float = 600.0) -> None:

@@ -45,7 +45,9 @@ class RunInfo(Strict):
     created_at: float
     clients: int = 0
     rounds_completed: int = 0
-    best_accuracy: float | None = Field(default=None, description="best test accuracy seen (test data picks it)")
+    best_accuracy: float | None = Field(
+        default=None, description="best test accuracy seen (test data picks it)"
+    )
     final_accuracy: float | None = None
     selected_state: int | None = Field(
         default=None, description="the state GET /prompt hands out: lowest validation loss (None: none yet)"
@@ -198,7 +200,9 @@ class RoundRecord(Strict):
     )
     val_accuracy: float | None = None
     n_val: int = 0
-    final_val_loss: float | None = Field(default=None, description="validation loss of state r+1, last round only")
+    final_val_loss: float | None = Field(
+        default=None, description="validation loss of state r+1, last round only"
+    )
     bytes_in: int = 0
     bytes_out: int = 0
     opened_at: float | None = None

@@ -292,7 +292,9 @@ def test_equal_server_weights_move_the_mean_to_the_clients_average_from_a_moved_
     equal = aggregate(config(d, server_weights="equal"), state, four)
     np.testing.assert_allclose(equal.state.mean, np.mean([c.mean for c in four], axis=0), rtol=0, atol=1e-12)
     # The same solutions with their fitnesses reordered move an equal-weights mean nowhere else.
-    shuffled = [Contribution(c.client_id, c.mean, float(k), c.sigmas, c.mu, c.n_samples) for k, c in enumerate(four)]
+    shuffled = [
+        Contribution(c.client_id, c.mean, float(k), c.sigmas, c.mu, c.n_samples) for k, c in enumerate(four)
+    ]
     again = aggregate(config(d, server_weights="equal"), state, shuffled[::-1])
     np.testing.assert_allclose(again.state.mean, equal.state.mean, rtol=0, atol=1e-12)
     ranked = aggregate(config(d), state, four)

@@ -31,7 +31,9 @@ def _federate(coord: Coordinator, test_acc: list[float], test_loss: float) -> tu
                 val_accuracy=0.7,
                 n_val=2 * (k + 1),
             )
-            ack = coord.post_update(run_id, round_, site, synthetic_update(task, 10 * round_ + k, metrics=metrics))
+            ack = coord.post_update(
+                run_id, round_, site, synthetic_update(task, 10 * round_ + k, metrics=metrics)
+            )
             assert ack.status_code == 200, ack.text
     for k, site in enumerate(sites):
         report = {"test_accuracy": test_acc[3], "n_test": 50, "test_loss": test_loss}
@@ -65,7 +67,9 @@ def test_the_state_with_the_lowest_validation_loss_is_handed_out(coord: Coordina
     assert info.selected_state == 1 and info.selected_val_loss == pytest.approx(selected.val_loss)
     assert info.best_accuracy == pytest.approx(0.90)  # best-by-test is reported, never selected
     rounds = coord.rounds(run_id)
-    assert [r["val_loss"] for r in rounds] == pytest.approx([(v * 2 + (v + 0.03) * 4) / 6 for v in VAL_LOSS[:3]])
+    assert [r["val_loss"] for r in rounds] == pytest.approx(
+        [(v * 2 + (v + 0.03) * 4) / 6 for v in VAL_LOSS[:3]]
+    )
     assert [r["n_val"] for r in rounds] == [6, 6, 6]
     assert rounds[-1]["final_val_loss"] == pytest.approx(final.val_loss)
 
@@ -78,9 +82,10 @@ def test_poisoned_test_metrics_do_not_change_the_selection(coord: Coordinator) -
     a, b = _prompt(coord, clean), _prompt(coord, poisoned)
     assert a.round == b.round == 1
     assert np.array_equal(a.z.numpy(), b.z.numpy())
-    assert RunInfo.model_validate(coord.info(clean)).best_accuracy != RunInfo.model_validate(
-        coord.info(poisoned)
-    ).best_accuracy
+    assert (
+        RunInfo.model_validate(coord.info(clean)).best_accuracy
+        != RunInfo.model_validate(coord.info(poisoned)).best_accuracy
+    )
 
 
 def test_without_validation_the_final_state_is_handed_out(coord: Coordinator) -> None:
@@ -112,7 +117,11 @@ def test_an_update_with_half_a_validation_is_refused(coord: Coordinator) -> None
     run_id, sites = coord.new_run(1, rounds=1)
     task = coord.task(run_id, sites[0])
     before = coord.dump()
-    for metrics in (ClientMetrics(val_loss=0.3), ClientMetrics(n_val=4), ClientMetrics(val_loss=0.3, n_val=2, val_accuracy=1.5)):
+    for metrics in (
+        ClientMetrics(val_loss=0.3),
+        ClientMetrics(n_val=4),
+        ClientMetrics(val_loss=0.3, n_val=2, val_accuracy=1.5),
+    ):
         r = coord.post_update(run_id, 0, sites[0], synthetic_update(task, 1, metrics=metrics))
         assert r.status_code == 400, r.text
         assert "val" in r.json()["detail"]
