@@ -89,21 +89,24 @@ def accuracy_section(
         lines += [
             f"### {dataset} (test set: {', '.join(str(s) for s in sorted(sizes)) or '?'} examples)",
             "",
-            "Test accuracy in %, mean ± std over seeds; **best** = the best evaluated round, "
-            "**final** = the prompt after the last round. Split-free methods have one value per row.",
+            "Test accuracy in %, mean ± std over seeds. **selected** = the prompt the run hands out "
+            "(lowest validation loss on the sites' held-out examples; test data never chooses it), "
+            "**final** = the prompt after the last round, both on the whole test set; **best** = "
+            "the best evaluated round (picked with test data: hindsight, on the per-round test set). "
+            "Split-free methods have one value per row.",
             "",
             "| method | "
-            + " | ".join(f"{partition_title(p)} best | {partition_title(p)} final" for p in partitions)
+            + " | ".join(" | ".join(f"{partition_title(p)} {k}" for k in tables.KINDS) for p in partitions)
             + " | seeds |",
-            "|---|" + "---:|---:|" * len(partitions) + "---:|",
+            "|---|" + "---:|" * (len(tables.KINDS) * len(partitions)) + "---:|",
         ]
         for method in grid.methods:
             cells, seeds = [], 0
             for part in partitions:
                 key = (dataset, "all" if method in ("zero_shot", "centralized_bbt") else part, method)
-                best, final = stats.get(key, (None, None))
-                cells += [best.pct() if best else "–", final.pct() if final else "–"]
-                seeds = max(seeds, best.n if best else 0)
+                found = stats.get(key, {})
+                cells += [s.pct() if (s := found.get(kind)) else "–" for kind in tables.KINDS]
+                seeds = max([seeds] + [s.n for s in found.values() if s])
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {seeds} |")
         if dataset in plots:
             lines += [

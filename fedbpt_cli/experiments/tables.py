@@ -40,21 +40,25 @@ def stat(values: Sequence[float]) -> Stat | None:
     return Stat(statistics.fmean(values), std, len(values))
 
 
-def accuracy_stats(
-    records: Sequence[CellResult],
-) -> dict[tuple[str, str, str], tuple[Stat | None, Stat | None]]:
-    """(dataset, partition, method) -> (best-round accuracy, final-round accuracy) over seeds."""
-    best: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    final: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+# The three accuracies of a cell, in the order the tables print them: the prompt the run hands out
+# (selected by validation loss), the last one, and the best evaluated one (picked with test data).
+KINDS = ("selected", "final", "best")
+
+
+def accuracy_stats(records: Sequence[CellResult]) -> dict[tuple[str, str, str], dict[str, Stat | None]]:
+    """(dataset, partition, method) -> {selected, final, best: accuracy over seeds}. A record
+    without a selected accuracy (no validation, or made before selection) counts its final one:
+    what such a run hands out."""
+    values: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.status != "ok":
             continue
         key = (r.cell.dataset, r.cell.partition, r.cell.method)
-        if r.best_accuracy is not None:
-            best[key].append(r.best_accuracy)
-        if r.final_accuracy is not None:
-            final[key].append(r.final_accuracy)
-    return {k: (stat(best[k]), stat(final.get(k, []))) for k in best}
+        selected = r.selected_accuracy if r.selected_accuracy is not None else r.final_accuracy
+        for kind, value in zip(KINDS, (selected, r.final_accuracy, r.best_accuracy), strict=True):
+            if value is not None:
+                values[key][kind].append(value)
+    return {k: {kind: stat(v.get(kind, [])) for kind in KINDS} for k, v in values.items()}
 
 
 def mean_curves(

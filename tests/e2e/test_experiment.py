@@ -72,6 +72,7 @@ def test_grid_runs_resumes_and_writes_the_document(
             assert r.rounds == 2 and r.final_accuracy is not None, key
             assert [s for s, _ in r.curve] == [0, 1, 2], key  # eval_every 1: every state
             assert r.best_accuracy == max(a for _, a in r.curve), key
+            assert r.selected_accuracy is not None and r.selected_state is not None, key
 
     # The white-box baseline scores through the service's own code: with its zero prompt it gives
     # the very accuracy the black-box clients measured for state 0 (z = 0) on the same test set.
@@ -97,7 +98,7 @@ def test_grid_runs_resumes_and_writes_the_document(
 
     doc = (tmp_path / "doc" / "results.md").read_text()
     assert (tmp_path / "doc" / "results" / "tiny.png").stat().st_size > 5000
-    fed = [records[f"tiny__iid__fedbpt__seed{s}"].best_accuracy for s in (0, 1)]
+    fed = [records[f"tiny__iid__fedbpt__seed{s}"].selected_accuracy for s in (0, 1)]
     mean = sum(a for a in fed if a is not None) / 2
     assert f"| FedBPT | {100 * mean:.2f} ± " in doc
     assert "## Communication" in doc and "Llama-2-7B" in doc and "| white-box client (MiniLM" in doc

@@ -25,8 +25,10 @@ def test_mean_and_sample_std_over_seeds() -> None:
     records.append(
         CellResult(cell=Cell(dataset="d", partition="iid", method="fedbpt", seed=9), status="failed")
     )
-    best, final = tables.accuracy_stats(records)[("d", "iid", "fedbpt")]
-    assert best is not None and final is not None
+    found = tables.accuracy_stats(records)[("d", "iid", "fedbpt")]
+    best, final, selected = found["best"], found["final"], found["selected"]
+    assert best is not None and final is not None and selected is not None
+    assert selected.mean == pytest.approx(0.7)  # no selected accuracy recorded: the final one counts
     assert (best.mean, best.n) == (pytest.approx(0.8), 3)
     assert best.std == pytest.approx(0.1)  # sample std of 0.7, 0.8, 0.9
     assert final.mean == pytest.approx(0.7)
@@ -59,7 +61,7 @@ def test_cells_are_seed_major_and_split_free_methods_run_once(tmp_path: Path) ->
         {"seeds": [0, 1], "partitions": ["iid", 0.5], "datasets": {"a": {"data": "a"}, "b": {"data": "b"}}}
     )
     out = cells(grid)
-    assert len(out) == 2 + 2 * 2 * (1 + 2 * 4)
+    assert len(out) == 2 + 2 * 2 * (1 + 2 * 5)  # 5 split-dependent methods by default
     assert [c.method for c in out[:2]] == ["zero_shot", "zero_shot"]
     seeds = [c.seed for c in out[2:] if c.seed is not None]
     assert len(seeds) == len(out) - 2
@@ -124,7 +126,7 @@ def test_a_changed_budget_reruns_exactly_the_cells_it_touches(tmp_path: Path) ->
         return Runner(grid=grid, data_root=tmp_path, out=tmp_path / "out", records=tmp_path / "rec")
 
     first = runner(_grid())
-    assert len(first.todo()) == 2 + 2 * 5
+    assert len(first.todo()) == 2 + 2 * 6
     for cell in first.todo():
         rounds = 0 if cell.method == "zero_shot" else first.grid.datasets[cell.dataset].run["rounds"]
         record = CellResult(
@@ -144,7 +146,7 @@ def test_a_changed_budget_reruns_exactly_the_cells_it_touches(tmp_path: Path) ->
     other_model = Runner(
         grid=_grid(), data_root=tmp_path, out=tmp_path, records=tmp_path / "rec", model="roberta-large"
     )
-    assert len(other_model.todo()) == 12
+    assert len(other_model.todo()) == 14
 
 
 def test_a_record_without_settings_is_checked_on_its_rounds(tmp_path: Path) -> None:
