@@ -10,7 +10,7 @@ DATA ?= ../shared/data
 OUT ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: paper test-float bench-vllm dashboard help setup test test-fast test-slow test-vllm setup-vllm lint bench demo reliability experiments experiments-report clean
+.PHONY: data-size paper test-float bench-vllm dashboard help setup test test-fast test-slow test-vllm setup-vllm lint bench demo reliability experiments experiments-report clean
 
 help:
 	@echo "make demo         set up .venv and run a federated SST-2 run on the embedded MiniLM (the main job)"
@@ -24,6 +24,7 @@ help:
 	@echo "make reliability  run the reliability trials and write docs/reliability.md"
 	@echo "make experiments  run the results grid and write docs/results.md (resumes; hours on 2 CPU cores)"
 	@echo "make experiments-report  rewrite docs/results.md from experiments/results/*.json"
+	@echo "make data-size    SST-2 at 40/200/1000 shots per class (FedBPT, centralized, zero-shot)"
 	@echo "make paper        the paper's grid (RoBERTa-large, GPU + hub) -> docs/paper-results.md"
 
 setup: $(STAMP)
@@ -102,6 +103,10 @@ experiments: setup
 # The paper's grid (RoBERTa-large from the hub, GPU): experiments/paper.yaml -> docs/paper-results.md.
 paper: setup
 	$(BIN)/fedbpt experiment experiments/paper.yaml --data $(DATA) --out $(OUT)/paper --records experiments/paper/results --doc docs/paper-results.md --jobs $(JOBS) --replicas $(REPLICAS)
+
+# How much data a federation needs: experiments/data_size.yaml; its plot lands in docs/results.md.
+data-size: setup
+	$(BIN)/fedbpt experiment experiments/data_size.yaml --data $(DATA) --out $(OUT)/data-size --records experiments/data_size/results --doc docs/data-size.md --jobs $(JOBS) --replicas $(REPLICAS) --no-memory
 
 # docs/results.md again from the committed records, running nothing.
 experiments-report: setup

@@ -58,7 +58,13 @@ def experiment(
         console.print(f"grid done in {time.monotonic() - started:.0f} s")
     here = grid_file.parent
     path = write_document(
-        grid, read_records(records), records, doc, here / "preface.md", here / "discussion.md"
+        grid,
+        read_records(records),
+        records,
+        doc,
+        here / grid.preface if grid.preface else None,
+        here / grid.discussion if grid.discussion else None,
+        read_records(here / grid.data_size) if grid.data_size else None,
     )
     console.print(f"wrote {path}")
     raise typer.Exit(code)

@@ -68,10 +68,16 @@ def cell_settings(grid: Grid, cell: Cell, model: str | None = None) -> dict[str,
         "run": fields,
     }
     if cell.method != "zero_shot":
-        settings.update(clients=sites(grid, cell), k_shot=grid.k_shot)
+        settings.update(clients=sites(grid, cell), k_shot=k_shot(grid, cell))
     if cell.method == "fedprompt":
         settings["whitebox"] = grid.whitebox.model_dump(exclude={"memory_check"})
     return json.loads(json.dumps(settings))  # as a record reads back: lists, not tuples
+
+
+def k_shot(grid: Grid, cell: Cell) -> int:
+    """Training examples per class for the whole federation: the dataset entry's, else the grid's."""
+    entry = grid.datasets[cell.dataset].k_shot
+    return entry if entry is not None else grid.k_shot
 
 
 def sites(grid: Grid, cell: Cell) -> int:
@@ -95,7 +101,7 @@ def run_black_box(
             data=data_source(grid, cell, data_root),
             out=work,
             alpha=cell.alpha,
-            k_shot=grid.k_shot,
+            k_shot=k_shot(grid, cell),
             test_split=grid.datasets[cell.dataset].test_split,
             round_test_limit=grid.datasets[cell.dataset].round_test_limit,
             text_column=grid.datasets[cell.dataset].text_column,
@@ -188,7 +194,7 @@ def run_white_box(grid: Grid, cell: Cell, data_root: Path, work: Path, scorer: A
         sources,
         work / "data",
         grid.clients,
-        grid.k_shot,
+        k_shot(grid, cell),
         cell.alpha,
         config.seed,
         text_column=grid.datasets[cell.dataset].text_column,

@@ -117,6 +117,57 @@ def accuracy_section(
     return lines
 
 
+def data_size_section(records: Sequence[CellResult], doc: Path) -> list[str]:
+    """The shots study (experiments/data_size.yaml): selected accuracy against training examples per
+    class, one panel per partition, a line per method; and the numbers as a table."""
+    points = tables.by_shots(records)
+    if not points:
+        return ["No record of the shots study yet (`make data-size`).", ""]
+    path = plot_by_shots(points, doc.parent / "results" / "data_size.png")
+    lines = [
+        "SST-2, 10 clients; the prompt each run hands out (selected by validation loss) on the whole "
+        "test set, mean ± std over seeds, against the training examples per class of the whole "
+        "federation (`make data-size`, records in experiments/data_size/results).",
+        "",
+        f"![selected accuracy against shots per class]({path.relative_to(doc.parent).as_posix()})",
+        "",
+        "| method | partition | shots per class | selected accuracy | seeds |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for (method, part, shots), value in sorted(points.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        lines.append(f"| {LABELS[method]} | {partition_title(part)} | {shots} | {value.pct()} | {value.n} |")
+    return [*lines, ""]
+
+
+def plot_by_shots(points: dict[tuple[str, str, int], tables.Stat], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    partitions = sorted({p for _, p, _ in points if p != "all"}) or ["all"]
+    fig, axes = plt.subplots(1, len(partitions), figsize=(5.2 * len(partitions), 4.0), squeeze=False)
+    for ax, part in zip(axes[0], partitions, strict=True):
+        for method in METHODS:
+            series = sorted((k, v) for (m, p, k), v in points.items() if m == method and p in (part, "all"))
+            if not series:
+                continue
+            shots = [k for k, _ in series]
+            means = [100 * v.mean for _, v in series]
+            errors = [100 * v.std for _, v in series]
+            ax.errorbar(shots, means, yerr=errors, marker="o", capsize=3, color=f"C{METHODS.index(method)}",
+                        label=LABELS[method])  # fmt: skip
+        ax.set(xscale="log", title=f"SST-2, {partition_title(part)}", xlabel="training examples per class",
+               ylabel="selected prompt, test accuracy (%)")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 LINKS = ("coordinator_to_client", "client_to_coordinator", "client_to_service", "service_to_client")
 
 
@@ -257,6 +308,7 @@ def write_document(
     doc: Path,
     preface: Path | None = None,
     discussion: Path | None = None,
+    data_size: Sequence[CellResult] | None = None,
 ) -> Path:
     plot_paths = plot_curves(grid, records, doc.parent / "results")
     plots = {p.stem: p for p in plot_paths}
@@ -272,6 +324,9 @@ def write_document(
     lines += coverage_section(grid, records)
     lines += ["## Accuracy", ""]
     lines += accuracy_section(grid, records, plots, doc)
+    if data_size:
+        lines += ["## How much data a federation needs", ""]
+        lines += data_size_section(data_size, doc)
     lines += ["## Communication", ""]
     lines += communication_section(grid, records)
     lines += ["## Client memory", ""]

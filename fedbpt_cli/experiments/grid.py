@@ -70,6 +70,7 @@ class DatasetEntry(_Strict):
     run: dict[str, Any] = Field(default_factory=dict, description="RunConfig fields for this dataset")
     test_split: str = "test"
     text_column: str = Field(default="text", description="the text column (hf:glue/sst2: sentence)")
+    k_shot: int | None = Field(default=None, ge=1, description="overrides the grid's k_shot for this entry")
     round_test_limit: int | None = Field(
         default=None,
         ge=1,
@@ -99,6 +100,12 @@ class Grid(_Strict):
     whitebox: WhiteBox = Field(default_factory=WhiteBox)
     service: dict[str, str] = Field(
         default_factory=dict, description="settings of the one inference service (FEDBPT_* names)"
+    )
+    # Hand-written parts of the document and other studies shown in it (paths relative to the grid file).
+    preface: str | None = Field(default=None, description="markdown put before the tables")
+    discussion: str | None = Field(default=None, description="markdown put after the tables")
+    data_size: str | None = Field(
+        default=None, description="records folder of a shots study (experiments/data_size.yaml) to plot"
     )
 
     @field_validator("partitions")

@@ -158,3 +158,30 @@ def test_a_record_without_settings_is_checked_on_its_rounds(tmp_path: Path) -> N
     write_record(tmp_path, current)
     assert finished(tmp_path, current.cell, {"run": {"rounds": 10}}, rounds=10)
     assert not finished(tmp_path, current.cell, {"run": {"rounds": 10, "local_iters": 4}}, rounds=10)
+
+
+def test_the_shots_study_is_plotted_from_the_records_settings(tmp_path: Path) -> None:
+    """The data-size section groups the study's records by the k_shot their settings name, puts
+    the zero-shot figure at every count, and draws the plot; a grid without the study has no section."""
+    study = []
+    for k, accs in ((40, (0.70, 0.72)), (200, (0.76, 0.78))):
+        for seed, acc in enumerate(accs):
+            cell = Cell(dataset=f"sst2_k{k}", partition="iid", method="fedbpt", seed=seed)
+            study.append(
+                CellResult(cell=cell, selected_accuracy=acc, final_accuracy=0.5, settings={"k_shot": k})
+            )
+    zero = Cell(dataset="sst2_k40", partition="all", method="zero_shot", seed=None)
+    study.append(CellResult(cell=zero, final_accuracy=0.71, settings={"run": {}}))
+    points = tables.by_shots(study)
+    assert points[("fedbpt", "iid", 40)].mean == pytest.approx(0.71)
+    assert points[("fedbpt", "iid", 200)].mean == pytest.approx(0.77)
+    assert points[("zero_shot", "all", 40)].mean == points[("zero_shot", "all", 200)].mean == 0.71
+
+    grid = _grid()
+    doc = write_document(grid, [], tmp_path, tmp_path / "doc" / "results.md", data_size=study)
+    text = doc.read_text()
+    assert "## How much data a federation needs" in text
+    assert "| FedBPT | IID | 200 | 77.00 ± 1.41 | 2 |" in text
+    assert (tmp_path / "doc" / "results" / "data_size.png").stat().st_size > 5000
+    plain = write_document(grid, [], tmp_path, tmp_path / "plain" / "results.md").read_text()
+    assert "How much data" not in plain
