@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -93,11 +93,15 @@ EIGEN_CACHE = EigenCache()
 
 
 def es_options(
-    popsize: int, maxiter: int, eigenmethod: Callable[..., Any] | None = None, equal_weights: bool = False
+    popsize: int,
+    maxiter: int,
+    eigenmethod: Callable[..., Any] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The server ES's pycma options: the reference's (popsize = CMA_mu = M, maxiter = rounds),
-    with CSA pinned and no global RNG side effects (module docstring). ``equal_weights``: every
-    told solution gets weight 1/M (pycma's ``CMA_recombination_weights``) instead of rank weights."""
+    with CSA pinned and no global RNG side effects (module docstring). ``weights``: the M
+    recombination weights by rank, non-increasing (pycma's ``CMA_recombination_weights``, which
+    normalises them), instead of pycma's own rank weights."""
     import cma
 
     options: dict[str, Any] = {
@@ -110,9 +114,9 @@ def es_options(
         "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA,
         "CMA_eigenmethod": eigenmethod or EIGEN_CACHE,
     }
-    if equal_weights:
+    if weights is not None:
         # pycma wants a last weight <= 0: one more, zero-weighted, slot that no solution fills.
-        options["CMA_recombination_weights"] = [1.0] * popsize + [0.0]
+        options["CMA_recombination_weights"] = [float(w) for w in weights] + [0.0]
     return options
 
 
@@ -200,7 +204,7 @@ def restore(
     maxiter: int,
     sigma0: float,
     eigenmethod: Callable[..., Any] | None = None,
-    equal_weights: bool = False,
+    weights: Sequence[float] | None = None,
 ) -> Any:
     """A pycma ES for ``popsize`` clients carrying ``state`` exactly.
 
@@ -212,7 +216,7 @@ def restore(
     if state.es is None:
         raise ValueError("a fedavg state has no CMA-ES to restore")
     core = state.es
-    options = es_options(popsize, maxiter, eigenmethod, equal_weights)
+    options = es_options(popsize, maxiter, eigenmethod, weights)
     es = cma.CMAEvolutionStrategy(state.mean.copy(), sigma0, options)
     es.sigma = state.sigma
     es.countiter = core.countiter

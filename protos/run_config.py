@@ -57,10 +57,10 @@ class RunConfig(Strict):
     )
     sigma_floor: float | None = Field(default=None, gt=0, description="lower bound of the clients' sigma")
     sigma_ceiling: float | None = Field(default=None, gt=0, description="upper bound of the clients' sigma")
-    server_weights: Literal["rank", "equal"] = Field(
+    server_weights: Literal["rank", "samples", "equal"] = Field(
         default="rank",
-        description="rank: pycma's rank weights over the clients' fitnesses (the reference); "
-        "equal: the M local means weigh 1/M each",
+        description="how the server ES weighs the M local means: rank (pycma's rank weights over the "
+        "clients' fitnesses, the reference), samples (in proportion to n_samples), equal (1/M each)",
     )
     covariance: Literal["full", "diagonal"] = Field(
         default="full", description="what the task carries: the d x d matrix or only its diagonal"

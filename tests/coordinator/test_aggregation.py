@@ -280,7 +280,7 @@ def test_paper_sigma_and_sigma_floor() -> None:
     np.testing.assert_array_equal(floored.state.mean, free.state.mean)
 
 
-def test_equal_server_weights_move_the_mean_to_the_clients_average_from_a_moved_state() -> None:
+def test_equal_and_samples_server_weights_ignore_fitness_from_a_moved_state() -> None:
     """server_weights: equal: the new mean is the plain average of the local means, whatever their
     fitnesses (from a state already away from 0); rank weights favour the best-ranked client."""
     d = 12
@@ -300,6 +300,14 @@ def test_equal_server_weights_move_the_mean_to_the_clients_average_from_a_moved_
     ranked = aggregate(config(d), state, four)
     best = min(four, key=lambda c: c.fitness)
     assert np.linalg.norm(ranked.state.mean - best.mean) < np.linalg.norm(equal.state.mean - best.mean)
+    # samples: the n_samples-weighted average (contributions() gives n = 10, 11, 12, 13), whatever
+    # the fitnesses; two clients with the same count weigh the same.
+    by_n = aggregate(config(d, server_weights="samples"), state, four)
+    n = np.array([c.n_samples for c in four], dtype=np.float64)
+    expected = (n / n.sum()) @ np.stack([c.mean for c in four])
+    np.testing.assert_allclose(by_n.state.mean, expected, rtol=0, atol=1e-12)
+    again = aggregate(config(d, server_weights="samples"), state, shuffled[::-1])
+    np.testing.assert_allclose(again.state.mean, expected, rtol=0, atol=1e-12)
 
 
 def test_sigma_ceiling_caps_the_clients_sigma() -> None:
