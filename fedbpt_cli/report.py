@@ -1,5 +1,6 @@
 """A finished run as a report folder: ``report.json`` (config, per-round metrics, bytes, summary),
-``curves.png`` (accuracy and loss per round) and ``prompt.json`` (the tuned prompt)."""
+``curves.png`` (accuracy and loss per round), ``prompt.json`` (the prompt the run hands out: the
+state selected by validation loss) and ``prompt_final.json`` (the last state)."""
 
 from __future__ import annotations
 
@@ -166,8 +167,10 @@ def write_report(
     simulation: dict[str, Any],
     zero_shot_accuracy: float | None = None,
     wall_seconds: float | None = None,
+    final_prompt: PromptResponse | None = None,
 ) -> dict[str, Any]:
-    """Write the three report files and return the summary."""
+    """Write the report files and return the summary: report.json, curves.png, prompt.json (the
+    prompt the run hands out: the selected state) and prompt_final.json (the last state)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(info, rounds, zero_shot_accuracy, wall_seconds, simulation.get("whole_test"))
     report = {
@@ -180,5 +183,7 @@ def write_report(
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     if prompt is not None:
         (out_dir / "prompt.json").write_text(prompt.model_dump_json(indent=2))
+    if final_prompt is not None:
+        (out_dir / "prompt_final.json").write_text(final_prompt.model_dump_json(indent=2))
     plot_curves(rounds, out_dir / "curves.png", zero_shot_accuracy, summary["selected_state"])
     return summary

@@ -25,7 +25,16 @@ from protos import PromptResponse, RunConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 # What a simulation writes into its folder; only these are removed by ``overwrite``.
-ARTEFACTS = ("data", "logs", "report.json", "curves.png", "prompt.json", "admin_token", "coordinator.sqlite")
+ARTEFACTS = (
+    "data",
+    "logs",
+    "report.json",
+    "curves.png",
+    "prompt.json",
+    "prompt_final.json",
+    "admin_token",
+    "coordinator.sqlite",
+)
 
 
 def clear_previous(out: Path, overwrite: bool) -> None:
@@ -177,6 +186,7 @@ class Simulation:
             },
             zero_shot_accuracy=zero_shot,
             wall_seconds=time.monotonic() - started,
+            final_prompt=prompts["final"],
         )
         self._print_summary(console, summary)
         if info.state != "finished":

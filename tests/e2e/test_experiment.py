@@ -72,7 +72,8 @@ def test_grid_runs_resumes_and_writes_the_document(
             assert r.rounds == 2 and r.final_accuracy is not None, key
             assert [s for s, _ in r.curve] == [0, 1, 2], key  # eval_every 1: every state
             assert r.best_accuracy == max(a for _, a in r.curve), key
-            assert r.selected_accuracy is not None and r.selected_state is not None, key
+            if r.cell.method != "fedprompt":  # the white-box baseline hands out its final prompt
+                assert r.selected_accuracy is not None and r.selected_state is not None, key
 
     # The white-box baseline scores through the service's own code: with its zero prompt it gives
     # the very accuracy the black-box clients measured for state 0 (z = 0) on the same test set.

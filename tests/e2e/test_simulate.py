@@ -47,9 +47,14 @@ def test_simulate_two_clients_two_rounds(tiny_bert_dir: Path, sst2_dir: Path, tm
         ids = [p["client_id"] for p in record["participants"]]
         assert len(ids) == 2 and len(set(ids)) == 2, record
 
-    # The global mean moved away from z0 = 0.
+    # prompt.json is what the run hands out (the selected state), prompt_final.json the last state,
+    # whose global mean moved away from z0 = 0; both were scored on the whole test set.
     prompt = PromptResponse.model_validate_json((out / "prompt.json").read_text())
-    assert prompt.z.numpy().shape == (16,) and np.linalg.norm(prompt.z.numpy()) > 0
+    assert prompt.chosen == "selected" and prompt.round == summary["selected_state"]
+    assert summary["selected_accuracy"] is not None and 0 <= prompt.round <= 2
+    final = PromptResponse.model_validate_json((out / "prompt_final.json").read_text())
+    assert final.round == summary["final_state"] == 2
+    assert final.z.numpy().shape == (16,) and np.linalg.norm(final.z.numpy()) > 0
 
     # Each client's update arrived exactly once per round, as the coordinator stored it.
     with sqlite3.connect(out / "coordinator.sqlite") as db:
@@ -60,7 +65,7 @@ def test_simulate_two_clients_two_rounds(tiny_bert_dir: Path, sst2_dir: Path, tm
 
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     parts = sorted(p.name for p in (out / "data").iterdir())
-    assert parts == ["client_0.jsonl", "client_1.jsonl", "test_0.jsonl", "test_1.jsonl"]
+    assert parts == ["client_0.jsonl", "client_1.jsonl", "test.jsonl", "test_0.jsonl", "test_1.jsonl"]
 
 
 def test_ctrl_c_stops_every_process(tiny_bert_dir: Path, sst2_dir: Path, tmp_path: Path) -> None:
