@@ -29,12 +29,17 @@ from protos import Array, ProjectionSpec, ScoreRequest
 CANDIDATES: list[str | None] = [
     None,
     "the",
+    ".",
     ". . . . .",
     "Classify the following text.",
     "Read the text and answer.",
     "This is a text.",
     "Here is a sentence.",
+    "Sentence:",
     "Text:",
+    "Consider the following.",
+    "In a few words:",
+    "The following is written in English.",
 ]
 
 

@@ -16,7 +16,7 @@ MAX_LABELS = 128
 MAX_TEXTS = 65_536
 # p0's default text: of the task-neutral candidates, the one whose state-0 accuracy beat zero-shot by
 # the most in the worst task (benchmarks/prompt_init.py on train samples; docs/results.md).
-DEFAULT_INIT_TEXT = "Here is a sentence."
+DEFAULT_INIT_TEXT = "In a few words:"
 
 
 class Strict(BaseModel):

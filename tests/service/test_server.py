@@ -13,6 +13,7 @@ import pytest
 
 from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port, running
 from protos import Array, ScoreRequest
+from protos.scoring import DEFAULT_INIT_TEXT
 from tests.service.conftest import TASKS, TEXTS, Zoo
 
 KEY = "process-key"
@@ -146,6 +147,6 @@ def test_p0_is_the_same_in_two_service_processes(
     the first, for the default init text and for BBT's placeholders, and the two p0 differ."""
     proc, other = _serve(zoo, tmp_path_factory)
     with running(proc, ready_url=f"{other}/readyz", timeout=120):
-        for init_text in ("Here is a sentence.", None):
+        for init_text in (DEFAULT_INIT_TEXT, None):
             np.testing.assert_array_equal(_state0(other, init_text), _state0(server, init_text))
-    assert np.abs(_state0(server, "Here is a sentence.") - _state0(server, None)).max() > 1e-4
+    assert np.abs(_state0(server, DEFAULT_INIT_TEXT) - _state0(server, None)).max() > 1e-4
