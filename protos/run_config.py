@@ -2,7 +2,10 @@
 
 Every field has a default, so ``POST /v1/runs`` with ``{}`` creates a run with the defaults of
 ALGORITHM.md (the reference job). Where paper and reference differ, the reference is the default
-and the paper's variant is an option.
+and the paper's variant is an option. Three defaults were changed by measurement (docs/results.md,
+docs/design.md), each with the reference one value away: ``projection.init_text`` (null: BBT's
+placeholders), ``val_share`` (0: no validation, the final state is handed out) and
+``server_weights`` (rank).
 """
 
 from __future__ import annotations
@@ -58,9 +61,10 @@ class RunConfig(Strict):
     sigma_floor: float | None = Field(default=None, gt=0, description="lower bound of the clients' sigma")
     sigma_ceiling: float | None = Field(default=None, gt=0, description="upper bound of the clients' sigma")
     server_weights: Literal["rank", "samples", "equal"] = Field(
-        default="rank",
-        description="how the server ES weighs the M local means: rank (pycma's rank weights over the "
-        "clients' fitnesses, the reference), samples (in proportion to n_samples), equal (1/M each)",
+        default="samples",
+        description="how the server ES weighs the M local means: samples (in proportion to n_samples; "
+        "measured stabler under label skew, docs/results.md), rank (pycma's rank weights over the "
+        "clients' fitnesses: the reference), equal (1/M each)",
     )
     covariance: Literal["full", "diagonal"] = Field(
         default="full", description="what the task carries: the d x d matrix or only its diagonal"

@@ -28,7 +28,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:orphanated injected solution")
 
 
 def config(dim: int, **overrides: object) -> RunConfig:
-    return RunConfig.model_validate({"projection": {"intrinsic_dim": dim}, **overrides})
+    """The reference's server step (rank weights) unless overridden: these tests check parity with it."""
+    return RunConfig.model_validate(
+        {"projection": {"intrinsic_dim": dim}, "server_weights": "rank", **overrides}
+    )
 
 
 def contributions(
