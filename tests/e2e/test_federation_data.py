@@ -52,3 +52,19 @@ def test_missing_split_is_a_clear_error(tmp_path: Path) -> None:
         find_sources(str(tmp_path / "only"))
     with pytest.raises(DataError, match="not a folder"):
         find_sources(str(tmp_path / "nothing"))
+
+
+def test_a_round_test_limit_shards_a_fixed_sample_and_keeps_the_whole_set(
+    folder: Path, tmp_path: Path
+) -> None:
+    """The clients' shards (the per-round curve) hold a seeded sample of round_test_limit examples;
+    test.jsonl keeps the whole test set, which the selected and final prompts are scored on."""
+    files = prepare(find_sources(str(folder)), tmp_path / "a", 4, 10, None, seed=3, round_test_limit=12)
+    shards = [row for p in files.test for row in _read(p)]
+    whole = _read(files.whole_test)
+    assert len(shards) == len(set(shards)) == files.round_test_size == 12
+    assert set(shards) <= set(whole) and len(whole) == files.test_size == 50
+    again = prepare(find_sources(str(folder)), tmp_path / "b", 4, 10, None, seed=3, round_test_limit=12)
+    assert [row for p in again.test for row in _read(p)] == shards  # the same sample every time
+    plain = prepare(find_sources(str(folder)), tmp_path / "c", 4, 10, None, seed=3)
+    assert plain.round_test_size == 50 and sorted(_read(plain.whole_test)) == sorted(whole)
