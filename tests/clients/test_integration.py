@@ -29,10 +29,6 @@ from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port, running
 from protos import PromptResponse, RunConfig
 from tests.clients.conftest import SST2_SAMPLE, write_jsonl
 
-pytest.importorskip(
-    "coordinator.cli", reason="the coordinator (fedbpt serve-coordinator) is not in the tree yet"
-)
-
 ADMIN = "integration-admin-token"
 HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 
@@ -245,3 +241,59 @@ def test_the_perturbation_follows_the_site_name_not_its_client_id(coordinator_ur
     ids_in = [list(range(3, 60))]
     copies = [perturber.copy(ids_in, run_seed=7, round_=2, client_key=k).input_ids for k in keys]
     assert copies[0] == copies[1] != ids_in
+
+
+def _federate(model_url: str, coordinator_url: str, tmp_path: Path, test_rows: list[tuple[str, int]]) -> str:
+    """A 3-round run of two client processes whose test files hold ``test_rows``; the run id."""
+    config = RunConfig(
+        name="selection", rounds=3, min_clients=2, round_timeout_s=300, task="sst2",
+        projection={"seed": 11, "intrinsic_dim": 16, "prompt_length": 4},  # type: ignore[arg-type]
+        local_popsize=4, local_iters=2, max_input_tokens=32, eval_every=1, val_share=0.5,
+    )  # fmt: skip
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        run_id: str = admin.post("/v1/runs", json=config.model_dump(mode="json")).json()["run_id"]
+        tokens = [
+            admin.post(f"/v1/runs/{run_id}/clients", json={"name": f"org-{k}"}).json()["token"]
+            for k in range(2)
+        ]
+        assert admin.post(f"/v1/runs/{run_id}/start").status_code == 200
+    test_file = write_jsonl(tmp_path / "test.jsonl", test_rows)
+    clients = []
+    for k, token in enumerate(tokens):
+        data = write_jsonl(tmp_path / f"client_{k}.jsonl", SST2_SAMPLE[k::2])
+        args = [
+            "client", "--coordinator", coordinator_url, "--token", token, "--model-endpoint", model_url,
+            "--data", str(data), "--test-data", str(test_file), "--poll-wait", "2",
+        ]  # fmt: skip
+        clients.append(
+            ManagedProcess(f"client-{k}", fedbpt_command(*args), tmp_path / f"client-{k}.log").start()
+        )
+    try:
+        for proc in clients:
+            assert proc.wait(timeout=600) == 0, proc.log_tail()
+    finally:
+        for proc in clients:
+            proc.stop()
+    return run_id
+
+
+def test_a_poisoned_test_split_does_not_change_the_selected_prompt(
+    model_url: str, coordinator_url: str, tmp_path: Path
+) -> None:
+    """Selection never reads test data: the same federation run twice, once with every test label
+    flipped, hands out the same state and the same z, while its test accuracies differ."""
+    clean = _federate(model_url, coordinator_url, tmp_path / "clean", SST2_SAMPLE)
+    flipped = [(text, 1 - label) for text, label in SST2_SAMPLE]
+    poisoned = _federate(model_url, coordinator_url, tmp_path / "poisoned", flipped)
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        a, b = (
+            PromptResponse.model_validate_json(admin.get(f"/v1/runs/{r}/prompt").content)
+            for r in (clean, poisoned)
+        )
+        accuracy = [
+            [r["test_accuracy"] for r in admin.get(f"/v1/runs/{run}/rounds").json()]
+            for run in (clean, poisoned)
+        ]
+    assert a.chosen == b.chosen == "selected" and a.round == b.round
+    assert np.array_equal(a.z.numpy(), b.z.numpy()) and a.val_loss == b.val_loss
+    assert accuracy[0] == pytest.approx([1 - x for x in accuracy[1]])  # the poison reached the test metrics
