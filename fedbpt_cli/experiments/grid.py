@@ -9,7 +9,7 @@ holds every method at the first seeds rather than every seed of the first method
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,15 +22,7 @@ Method = Literal[
     "fedavg_bbt",
     "fedprompt",
 ]
-METHODS: tuple[Method, ...] = (
-    "zero_shot",
-    "centralized_bbt",
-    "fedbpt",
-    "fedbpt_reference",
-    "fedbpt_no_perturb",
-    "fedavg_bbt",
-    "fedprompt",
-)
+METHODS: tuple[Method, ...] = get_args(Method)
 LABELS: dict[str, str] = {
     "zero_shot": "zero-shot (no prompt)",
     "centralized_bbt": "centralized BBT (1 site, all data)",

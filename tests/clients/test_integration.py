@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,36 @@ def coordinator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+def _run_clients(
+    model_url: str,
+    coordinator_url: str,
+    tmp_path: Path,
+    tokens: list[str],
+    test_file: Path,
+    extra: Callable[[int], list[str]] = lambda k: [],
+) -> list[ManagedProcess]:
+    """One ``fedbpt client`` process per token (half of SST2_SAMPLE each), run to a clean exit."""
+    clients = []
+    for k, token in enumerate(tokens):
+        data = write_jsonl(tmp_path / f"client_{k}.jsonl", SST2_SAMPLE[k::2])
+        args = [
+            "client", "--coordinator", coordinator_url, "--token", token, "--model-endpoint", model_url,
+            "--data", str(data), "--test-data", str(test_file), "--poll-wait", "2", "--retry-total", "60",
+        ]  # fmt: skip
+        clients.append(
+            ManagedProcess(
+                f"client-{k}", fedbpt_command(*args, *extra(k)), tmp_path / f"client-{k}.log"
+            ).start()
+        )
+    try:
+        for proc in clients:
+            assert proc.wait(timeout=600) == 0, proc.log_tail()
+    finally:
+        for proc in clients:
+            proc.stop()
+    return clients
+
+
 def _rounds(body: Any) -> list[dict[str, Any]]:
     return body["rounds"] if isinstance(body, dict) and "rounds" in body else body
 
@@ -79,24 +109,15 @@ def test_two_clients_two_rounds_then_evaluate(model_url: str, coordinator_url: s
         mean_before = np.zeros(16)
 
     test_file = write_jsonl(tmp_path / "test.jsonl", SST2_SAMPLE)
-    clients = []
-    for k, token in enumerate(tokens):
-        data = write_jsonl(tmp_path / f"client_{k}.jsonl", SST2_SAMPLE[k::2])
-        args = [
-            "client", "--coordinator", coordinator_url, "--token", token, "--model-endpoint", model_url,
-            "--data", str(data), "--test-data", str(test_file), "--poll-wait", "2", "--retry-total", "60",
-        ]  # fmt: skip
-        if k == 1:
-            args += ["--run-id", run_id]  # site-0 finds its run through GET /v1/whoami
-        clients.append(
-            ManagedProcess(f"client-{k}", fedbpt_command(*args), tmp_path / f"client-{k}.log").start()
-        )
-    try:
-        for proc in clients:
-            assert proc.wait(timeout=600) == 0, proc.log_tail()
-    finally:
-        for proc in clients:
-            proc.stop()
+    # site-0 finds its run through GET /v1/whoami, site-1 is told it.
+    clients = _run_clients(
+        model_url,
+        coordinator_url,
+        tmp_path,
+        tokens,
+        test_file,
+        lambda k: ["--run-id", run_id] if k == 1 else [],
+    )
     for proc in clients:
         log = proc.log_tail(20_000)
         assert "final test accuracy" in log and "trained 2 round(s)" in log, log
@@ -257,23 +278,9 @@ def _federate(model_url: str, coordinator_url: str, tmp_path: Path, test_rows: l
             for k in range(2)
         ]
         assert admin.post(f"/v1/runs/{run_id}/start").status_code == 200
-    test_file = write_jsonl(tmp_path / "test.jsonl", test_rows)
-    clients = []
-    for k, token in enumerate(tokens):
-        data = write_jsonl(tmp_path / f"client_{k}.jsonl", SST2_SAMPLE[k::2])
-        args = [
-            "client", "--coordinator", coordinator_url, "--token", token, "--model-endpoint", model_url,
-            "--data", str(data), "--test-data", str(test_file), "--poll-wait", "2",
-        ]  # fmt: skip
-        clients.append(
-            ManagedProcess(f"client-{k}", fedbpt_command(*args), tmp_path / f"client-{k}.log").start()
-        )
-    try:
-        for proc in clients:
-            assert proc.wait(timeout=600) == 0, proc.log_tail()
-    finally:
-        for proc in clients:
-            proc.stop()
+    _run_clients(
+        model_url, coordinator_url, tmp_path, tokens, write_jsonl(tmp_path / "test.jsonl", test_rows)
+    )
     return run_id
 
 
