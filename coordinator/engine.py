@@ -628,12 +628,7 @@ class Engine:
                 raise Conflict(
                     f"round {round_} is not the last round ({last}); the final state is evaluated as round {last}"
                 )
-            existing = db.execute(
-                "SELECT (SELECT COUNT(*) FROM evals WHERE run_id = ? AND round = ? AND client_id = ?) "
-                "+ (SELECT COUNT(*) FROM validations WHERE run_id = ? AND idx = ? AND client_id = ?) AS n",
-                (run_id, round_, principal.client_id, run_id, round_ + 1, principal.client_id),
-            ).fetchone()
-            if int(existing["n"]) > 0:
+            if self.store.has_final_report(run_id, round_, principal.client_id):
                 return UpdateAck(accepted=True, duplicate=True, round=round_, round_closed=True)
             if report.test_accuracy is not None:
                 db.execute(

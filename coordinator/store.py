@@ -271,6 +271,16 @@ class Store:
             (run_id, idx, client_id, float(loss), accuracy, int(n)),
         )
 
+    def has_final_report(self, run_id: str, last_round: int, client_id: str) -> bool:
+        """Whether the client already reported its evaluation of the final state (test metrics in
+        ``evals`` under the last round, or its validation of state last_round + 1)."""
+        row = self.one(
+            "SELECT (SELECT COUNT(*) FROM evals WHERE run_id = ? AND round = ? AND client_id = ?) "
+            "+ (SELECT COUNT(*) FROM validations WHERE run_id = ? AND idx = ? AND client_id = ?) AS n",
+            (run_id, last_round, client_id, run_id, last_round + 1, client_id),
+        )
+        return row is not None and int(row["n"]) > 0
+
     def validation_by_state(self, run_id: str) -> dict[int, Validation]:
         """Per global state: the sites' validation loss and accuracy, weighted by their counts."""
         rows = self.all(
