@@ -135,7 +135,7 @@ def main() -> int:
     prepared = scorer.prepare(request)
     codec = backend.codec
     assert request.projection is not None
-    ids = codec.prompt_ids(args.l, request.projection.init_text)
+    ids = codec.prompt_ids(args.l, request.projection.p0_text)
     p0 = backend.placeholder_embeddings(ids, prepared.seqs.prompt_start)
     assert prepared.prompts is not None
     embeds = (p0[None] + prepared.prompts).cpu().numpy()

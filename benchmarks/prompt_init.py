@@ -24,6 +24,7 @@ from fed_clients.losses import accuracy, cross_entropy
 from fed_clients.presets import find_preset, resolve_task
 from fedbpt_cli.experiments.whitebox import InProcessModel, load_scorer
 from protos import Array, ProjectionSpec, ScoreRequest
+from protos.scoring import DEFAULT_INIT_TEXT
 
 # BBT's placeholders (None) and task-neutral phrases; a default must suit every task preset.
 CANDIDATES: list[str | None] = [
@@ -86,7 +87,12 @@ def main() -> None:
         zero_acc = float(accuracy(zero, split.labels)[0])
         print(f"\n{name} ({len(split)} train rows, {head} head, L={args.length}): zero-shot {zero_acc:.4f}")
         for text in CANDIDATES:
-            spec = ProjectionSpec(intrinsic_dim=args.dim, prompt_length=args.length, init_text=text)
+            spec = ProjectionSpec(
+                intrinsic_dim=args.dim,
+                prompt_length=args.length,
+                init="placeholder" if text is None else "text",
+                init_text=text or DEFAULT_INIT_TEXT,
+            )
             logits = _score(scorer, task.spec, split.input_ids, spec)
             acc = float(accuracy(logits, split.labels)[0])
             loss = float(cross_entropy(logits, split.labels)[0])

@@ -56,7 +56,7 @@ class ProjectionCache:
         self.misses = 0
 
     def get(self, spec: ProjectionSpec) -> torch.Tensor:
-        key = spec.model_dump_json(exclude={"init_text"})  # p0 does not change A
+        key = spec.model_dump_json(exclude={"init", "init_text"})  # p0 does not change A
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)

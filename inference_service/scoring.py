@@ -113,7 +113,7 @@ class Scorer:
             inputs = self.tokenize(request.texts or [])
 
         # Sequences first: a prompt too long for the model is refused before any A is drawn.
-        init_text = request.projection.init_text if request.projection is not None else None
+        init_text = request.projection.p0_text if request.projection is not None else None
         seqs = assemble(
             task, inputs, self.backend.codec, self._prompt_length(request), self.info.max_length, init_text
         )

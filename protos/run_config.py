@@ -3,7 +3,7 @@
 Every field has a default, so ``POST /v1/runs`` with ``{}`` creates a run with the defaults of
 ALGORITHM.md (the reference job). Where paper and reference differ, the reference is the default
 and the paper's variant is an option. Three defaults were changed by measurement (docs/results.md,
-docs/design.md), each with the reference one value away: ``projection.init_text`` (null: BBT's
+docs/design.md), each with the reference one value away: ``projection.init`` ("placeholder": BBT's
 placeholders), ``val_share`` (0: no validation, the final state is handed out) and
 ``server_weights`` (rank).
 """

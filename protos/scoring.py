@@ -56,8 +56,9 @@ class ProjectionSpec(Strict):
     The service derives A from this on a seeded CPU generator, so the same spec gives the same A on
     every replica and machine. Entries ~ N(0, s^2) with s = alpha * std(word embeddings) /
     (sqrt(intrinsic_dim) * sigma0) (BBT's scaling); ``uniform`` draws U(-s*sqrt(3), s*sqrt(3)).
-    ``init_text`` fixes p0, the prompt at z = 0 (tokens of a text, or BBT's placeholders); it does
-    not change A. Same spec -> same A and same p0 on every replica.
+    ``init`` / ``init_text`` fix p0, the prompt at z = 0 (the tokens of a text, or BBT's
+    placeholders); they do not change A. Same spec -> same A and same p0 on every replica. (Not a
+    nullable field: JSON writers that drop nulls would silently turn "placeholder" into the default.)
     """
 
     seed: int = Field(default=1234, ge=0, le=2**63 - 1)
@@ -66,13 +67,17 @@ class ProjectionSpec(Strict):
     sigma0: float = Field(default=1.0, gt=0)
     alpha: float = Field(default=1.0, gt=0)
     distribution: Literal["normal", "uniform"] = "normal"
-    init_text: str | None = Field(
-        default=DEFAULT_INIT_TEXT,
-        min_length=1,
-        max_length=1000,
-        description="where the prompt starts (p0): the embeddings of this text's tokens, repeated or cut "
-        "to prompt_length; null = BBT's placeholder ids 1000.. (the reference)",
+    init: Literal["text", "placeholder"] = Field(
+        default="text",
+        description="where the prompt starts (p0): text = the embeddings of init_text's tokens, repeated "
+        "or cut to prompt_length; placeholder = BBT's placeholder ids 1000.. (the reference)",
     )
+    init_text: str = Field(default=DEFAULT_INIT_TEXT, min_length=1, max_length=1000)
+
+    @property
+    def p0_text(self) -> str | None:
+        """The text whose tokens fill the prompt slot, or None for BBT's placeholder ids."""
+        return self.init_text if self.init == "text" else None
 
 
 class TaskSpec(Strict):

@@ -201,7 +201,7 @@ def run_white_box(grid: Grid, cell: Cell, data_root: Path, work: Path, scorer: A
     )
     task = resolve_task(config.task, scorer.info.head, config.template, config.labels)
     model = PromptModel(
-        scorer, task, config.projection.prompt_length, config.max_input_tokens, config.projection.init_text
+        scorer, task, config.projection.prompt_length, config.max_input_tokens, config.projection.p0_text
     )
     train = [load_labeled_texts(str(p)) for p in files.train]
     run = run_federation(

@@ -41,7 +41,7 @@ BLACK_BOX: dict[str, dict[str, Any]] = {
     "fedbpt_reference": {
         "aggregator": "cmaes",
         "perturb": True,
-        "projection": {"init_text": None},
+        "projection": {"init": "placeholder"},
         "val_share": 0.0,
         "server_weights": "rank",
         "sigma_floor": None,

@@ -4,7 +4,7 @@ It needs the model's weights and gradients, so it runs in process on the inferen
 objects (backend, task compilation, row assembly) rather than over the wire: the same model, the
 same template, the same prompt slot and the same logits as the black-box methods. The prompt is
 the full L x hidden matrix added at the prompt slot (where the black-box methods add A.z) to the
-same p0 (``projection.init_text``), starting from zero, i.e. from the same initial state. Each round every client runs
+same p0 (``projection.init`` / ``init_text``), starting from zero, i.e. from the same initial state. Each round every client runs
 ``local_steps`` full-batch Adam steps on its own examples from the global prompt; the server
 averages the clients' prompts weighted by their example counts (FedAvg).
 
@@ -75,7 +75,7 @@ class PromptModel:
     task: ResolvedTask
     prompt_length: int
     max_input_tokens: int
-    init_text: str | None = None  # p0's tokens (None: BBT's placeholders), as projection.init_text
+    init_text: str | None = None  # p0's tokens (None: BBT's placeholders), as projection.p0_text
     compiled: CompiledTask = field(init=False)
     anchors: torch.Tensor | None = field(init=False, default=None)
 

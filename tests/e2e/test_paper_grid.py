@@ -64,6 +64,9 @@ def test_the_paper_grid_runs_one_round_on_a_tiny_roberta(
         assert r.settings["run"]["projection"]["intrinsic_dim"] == 500
         assert r.final_accuracy is not None and r.selected_accuracy is not None
     # The reference row keeps BBT's placeholders and hands out its final state (no validation split).
-    assert records["fedbpt_reference"].settings["run"]["projection"]["init_text"] is None  # type: ignore[index]
+    assert records["fedbpt_reference"].settings["run"]["projection"]["init"] == "placeholder"  # type: ignore[index]
+    assert (
+        records["fedbpt_reference"].curve[0][1] != records["fedbpt"].curve[0][1]
+    )  # another p0 reached the service
     assert records["fedbpt_reference"].selected_state == 1
     assert (tmp_path / "doc" / "results.md").exists()

@@ -170,7 +170,7 @@ def test_z_path_equals_prompt_embeds_p0_plus_az(zoo: Zoo, population: Population
     with torch.inference_mode():
         assert request.projection is not None
         p0 = scorer.backend.placeholder_embeddings(
-            codec.prompt_ids(seqs.prompt_length, request.projection.init_text), seqs.prompt_start
+            codec.prompt_ids(seqs.prompt_length, request.projection.p0_text), seqs.prompt_start
         )
         embeds = (p0[None] + _offsets(scorer, request)).numpy()
     dense = ScoreRequest(prompt_embeds=Array.from_numpy(embeds), task=request.task, texts=TEXTS)
@@ -261,7 +261,7 @@ def test_per_row_prompted_embeds_helper_matches_the_causal_head(
     if mode == "replace":
         assert request.projection is not None
         p0 = backend.placeholder_embeddings(
-            backend.codec.prompt_ids(seqs.prompt_length, request.projection.init_text), seqs.prompt_start
+            backend.codec.prompt_ids(seqs.prompt_length, request.projection.p0_text), seqs.prompt_start
         )
         prompts = p0[None] + prompts
     rows = [(p, b) for p in range(2) for b in range(len(TEXTS))]

@@ -93,3 +93,15 @@ def test_cache_reuses_and_evicts() -> None:
     assert again is not first
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     assert cache.misses == 4
+
+
+def test_the_placeholder_p0_survives_a_body_written_without_nulls() -> None:
+    """Clients write bodies with exclude_none (fed_clients.transport): the choice of BBT's
+    placeholders must not be a null that such a writer drops (it once fell back to the default
+    phrase that way, silently, in the reference row of the results grid)."""
+    spec = ProjectionSpec(init="placeholder")
+    sent = ProjectionSpec.model_validate_json(spec.model_dump_json(exclude_none=True))
+    assert sent.init == "placeholder" and sent.p0_text is None
+    assert ProjectionSpec().p0_text == ProjectionSpec().init_text == "In a few words:"
+    a = ProjectionCache(hidden_size=8, embedding_std=0.1, device=torch.device("cpu"))
+    assert a.get(spec) is a.get(ProjectionSpec())  # p0 does not change A: one cached matrix

@@ -131,10 +131,14 @@ def test_a_model_that_does_not_load_fails_the_command(tmp_path: Path) -> None:
 
 
 def _state0(url: str, init_text: str | None) -> np.ndarray:
-    """Logits of z = 0 (the prompt is p0 alone) for a projection with this ``init_text``."""
+    """Logits of z = 0 (the prompt is p0 alone) for a projection starting from ``init_text``
+    (None: BBT's placeholders)."""
     body = _request(1, TEXTS).model_dump(mode="json")
     body["z"] = Array.from_numpy(np.zeros((1, 16), np.float32)).model_dump()
-    body["projection"]["init_text"] = init_text
+    if init_text is None:
+        body["projection"]["init"] = "placeholder"
+    else:
+        body["projection"]["init_text"] = init_text
     r = httpx.post(f"{url}/v1/score", json=body, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
     return Array.model_validate(r.json()["logits"]).numpy()
