@@ -4,6 +4,8 @@ runs on: the file itself, cut to one round, one seed, two sites and a small SST-
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -65,8 +67,19 @@ def test_the_paper_grid_runs_one_round_on_a_tiny_roberta(
         assert r.final_accuracy is not None and r.selected_accuracy is not None
     # The reference row keeps BBT's placeholders and hands out its final state (no validation split).
     assert records["fedbpt_reference"].settings["run"]["projection"]["init"] == "placeholder"  # type: ignore[index]
-    assert (
-        records["fedbpt_reference"].curve[0][1] != records["fedbpt"].curve[0][1]
-    )  # another p0 reached the service
+    # ... and another p0 reached the service: state 0 (z = 0) has another test loss there.
+    assert _state0_test_loss(tmp_path, "fedbpt_reference") != pytest.approx(
+        _state0_test_loss(tmp_path, "fedbpt")
+    )
     assert records["fedbpt_reference"].selected_state == 1
     assert (tmp_path / "doc" / "results.md").exists()
+
+
+def _state0_test_loss(tmp_path: Path, method: str) -> float:
+    """The clients' test loss of state 0 as the cell's coordinator stored it."""
+    db = tmp_path / "out" / "cells" / f"sst2__iid__{method}__seed0" / "coordinator.sqlite"
+    with sqlite3.connect(db) as conn:
+        rows = [json.loads(m) for (m,) in conn.execute("SELECT metrics FROM updates WHERE round = 0")]
+    losses = [(m["test_loss"], m["n_test"]) for m in rows if m.get("test_loss") is not None]
+    assert losses, f"no state-0 test loss in {db}"
+    return sum(v * n for v, n in losses) / sum(n for _, n in losses)
