@@ -101,5 +101,5 @@ def test_a_client_trains_a_round_over_https(
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         assert http.get(f"/v1/runs/{run_id}").json()["state"] == "finished"
-        prompt = PromptResponse.model_validate_json(http.get(f"/v1/runs/{run_id}/prompt").content)
+        prompt = PromptResponse.model_validate_json(http.get(f"/v1/runs/{run_id}/prompt?state=final").content)
     assert np.linalg.norm(prompt.z.numpy()) > 0
