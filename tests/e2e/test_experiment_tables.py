@@ -184,4 +184,8 @@ def test_the_shots_study_is_plotted_from_the_records_settings(tmp_path: Path) ->
     assert "| FedBPT | IID | 200 | 77.00 ± 1.41 | 2 |" in text
     assert (tmp_path / "doc" / "results" / "data_size.png").stat().st_size > 5000
     plain = write_document(grid, [], tmp_path, tmp_path / "plain" / "results.md").read_text()
-    assert "How much data" not in plain
+    assert "How much data" not in plain  # the grid names no study
+    pending = write_document(
+        grid, [], tmp_path, tmp_path / "pending" / "results.md", data_size=[]
+    ).read_text()
+    assert "## How much data a federation needs" in pending and "Not run yet: `make data-size`" in pending
