@@ -48,7 +48,8 @@ if ARGS.threads is not None:
 
 import numpy as np  # noqa: E402
 
-from coordinator.aggregation import Contribution, aggregate, reference_server_sigma  # noqa: E402
+from coordinator.aggregators import Contribution, aggregate  # noqa: E402
+from coordinator.aggregators.cmaes import reference_server_sigma  # noqa: E402
 from coordinator.auth import Principal  # noqa: E402
 from coordinator.engine import Engine  # noqa: E402
 from coordinator.es_state import EigenCache, ServerState, capture, initial_es, restore  # noqa: E402
@@ -148,7 +149,7 @@ def bench_engine(dim: int, m: int, covariance: str, rounds: int) -> dict[str, fl
         payloads: list[float] = []
         accepts: list[float] = []
         for round_ in range(rounds + 2):
-            idx, state = engine._state(run_id)
+            idx, state = engine.runs.state(run_id)
             assert idx == round_
             results = results_for(state, m, rng, iters=config.local_iters)
             t = time.perf_counter()
@@ -180,7 +181,7 @@ def bench_engine(dim: int, m: int, covariance: str, rounds: int) -> dict[str, fl
             close_time = time.perf_counter() - t
             t = time.perf_counter()
             with engine.lock:
-                engine._payload(run_id, config)  # encodes the new state once for the round
+                engine.runs.payload(run_id)  # encodes the new state once for the round
             payload_time = time.perf_counter() - t
             if round_ >= 2:
                 closes.append(close_time)

@@ -25,6 +25,7 @@ Options, checked on pycma 4.5.0 against the reference's 3.4.0 (docs/coordinator.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,6 +37,26 @@ import numpy as np
 # pycma warns about things that are expected here (telling solutions it did not sample, small
 # populations, orphaned mirror samples from the discarded ask). They say nothing about our state.
 warnings.filterwarnings("ignore", module=r"cma(\.|$)")
+
+# The pycma releases capture/restore was verified on (bit for bit against a persistent ES, in
+# tests/coordinator/test_aggregation.py). Another release may rename or re-derive what they write.
+VERIFIED_PYCMA = frozenset({"4.5.0"})
+UNVERIFIED_PYCMA_ENV = "FEDBPT_ALLOW_UNVERIFIED_PYCMA"
+
+
+def check_pycma() -> None:
+    """Refuse to start on a pycma release the state capture was not verified on (it writes pycma's
+    internal attributes); ``FEDBPT_ALLOW_UNVERIFIED_PYCMA=1`` starts anyway, at the user's risk."""
+    import cma
+
+    if cma.__version__ in VERIFIED_PYCMA or os.environ.get(UNVERIFIED_PYCMA_ENV) == "1":
+        return
+    raise RuntimeError(
+        f"pycma {cma.__version__} is installed; the coordinator's CMA-ES state capture was verified on "
+        f"pycma {', '.join(sorted(VERIFIED_PYCMA))} only. Install that (pip install cma=={min(VERIFIED_PYCMA)}), "
+        f"or set {UNVERIFIED_PYCMA_ENV}=1 after running tests/coordinator/test_aggregation.py on the new release."
+    )
+
 
 _SAMPLES = np.random.default_rng(0x5EED)
 _SAMPLES_LOCK = threading.Lock()

@@ -62,5 +62,11 @@ class CoordinatorMetrics(EngineHooks):
         self.tasks.labels(kind).inc()
         self.task_bytes.inc(bytes_out)
 
+    def set_gauges(self, runs: dict[str, int], clients: int) -> None:
+        self.runs.clear()
+        for state, n in runs.items():
+            self.runs.labels(state).set(n)
+        self.clients.set(clients)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

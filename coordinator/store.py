@@ -5,23 +5,29 @@ and the sites' validation of each state (what selection reads).
 The file is opened in WAL mode with ``synchronous=FULL``: a transaction that returned from
 ``COMMIT`` is on disk, so whatever the coordinator acknowledged survives a SIGKILL or a power cut.
 Arrays are stored as raw little-endian bytes with their dtype, shape and memory order in typed
-columns; nothing is pickled. One connection is shared under the engine's lock (SQLite serialises
-writers anyway, and the coordinator's work per request is small).
+columns; nothing is pickled.
+
+All of the coordinator's SQL is in this module, behind typed methods that return dataclasses or
+protos. One connection is shared under the engine's lock (SQLite serialises writers anyway, and the
+coordinator's work per request is small); a second, read-only one serves ``/metrics``, so a scrape
+never waits for a round to close (WAL lets it read the last committed state meanwhile).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 
 from coordinator.es_state import ESCore, ServerState
+from protos import ClientMetrics
 
 SCHEMA_VERSION = "1"
 
@@ -134,6 +140,121 @@ CREATE TABLE IF NOT EXISTS es_arrays (
 """
 
 
+# ----- what the store returns -----
+RunStateName = Literal["created", "running", "finished", "failed"]
+RoundStateName = Literal["open", "closed"]
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    config: str  # RunConfig as JSON (the engine parses and caches it)
+    state: RunStateName
+    round: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ClientRow:
+    client_id: str
+    run_id: str
+    name: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    run_id: str
+    round: int
+    state: RoundStateName
+    attempt: int
+    sampled: list[str]
+    opened_at: float
+    deadline: float
+    sigma_before: float
+    closed_at: float | None = None
+    sigma_after: float | None = None
+    server_sigma: float | None = None
+    mean_norm: float | None = None
+    aggregation_seconds: float | None = None
+    used: list[str] = field(default_factory=list)
+    clipped: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ClosedRound:
+    """What closing a round records about it."""
+
+    closed_at: float
+    sigma_after: float
+    server_sigma: float | None
+    mean_norm: float
+    aggregation_seconds: float
+    used: list[str]
+    clipped: list[str]
+    rejected: list[str]
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """A client's update as the server step reads it."""
+
+    client_id: str
+    mean: np.ndarray
+    fitness: float
+    sigmas: tuple[float, ...]
+    mu: int
+    n_samples: int
+
+
+@dataclass(frozen=True)
+class NewUpdate:
+    """An admitted update, with what its HTTP exchange weighed."""
+
+    mean: np.ndarray
+    fitness: float
+    sigmas: list[float]
+    mu: int
+    n_samples: int
+    metrics: ClientMetrics
+    bytes_in: int
+    ack_bytes: int
+
+
+@dataclass(frozen=True)
+class UpdateSummary:
+    """An update as the read models show it (no mean)."""
+
+    round: int
+    client_id: str
+    name: str
+    fitness: float
+    n_samples: int
+    metrics: ClientMetrics
+    received_at: float
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    round: int
+    client_id: str
+    test_accuracy: float
+    n_test: int
+    received_at: float
+
+
+@dataclass(frozen=True)
+class TrafficRow:
+    round: int
+    client_id: str
+    bytes_in: int
+    bytes_out: int
+
+
 @dataclass(frozen=True)
 class Validation:
     """One global state's validation over the sites that reported it (weighted by count)."""
@@ -177,113 +298,387 @@ def _unpack(dtype: str, shape: str, layout: str, data: bytes) -> np.ndarray:
     return shaped.astype(np.float64, order="K", copy=True)
 
 
+def _ids(text: str | None) -> list[str]:
+    return [] if text is None else [str(x) for x in json.loads(text)]
+
+
+def _round_row(r: sqlite3.Row) -> RoundRow:
+    return RoundRow(
+        run_id=r["run_id"],
+        round=int(r["round"]),
+        state=cast(RoundStateName, r["state"]),
+        attempt=int(r["attempt"]),
+        sampled=_ids(r["sampled"]),
+        opened_at=float(r["opened_at"]),
+        deadline=float(r["deadline"]),
+        sigma_before=float(r["sigma_before"]),
+        closed_at=r["closed_at"],
+        sigma_after=r["sigma_after"],
+        server_sigma=r["server_sigma"],
+        mean_norm=r["mean_norm"],
+        aggregation_seconds=r["aggregation_seconds"],
+        used=_ids(r["used"]),
+        clipped=_ids(r["clipped"]),
+        rejected=_ids(r["rejected"]),
+    )
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
+        self._conn = _connect(path)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
         # CREATE ... IF NOT EXISTS is idempotent; executescript runs outside any transaction.
-        self.conn.executescript(SCHEMA)
+        self._conn.executescript(SCHEMA)
         with self.transaction():
-            row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            row = self._one("SELECT value FROM meta WHERE key = 'schema'")
             if row is None:
-                self.conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+                self._exec("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
             elif row["value"] != SCHEMA_VERSION:
                 raise RuntimeError(f"{path}: schema version {row['value']} is not {SCHEMA_VERSION}")
+        self._reader = _connect(path)
+        self._reader.execute("PRAGMA query_only=ON")
+        self._reader_lock = threading.Lock()
 
     def close(self) -> None:
-        self.conn.close()
+        self._conn.close()
+        with self._reader_lock:
+            self._reader.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on any exception)."""
-        self.conn.execute("BEGIN IMMEDIATE")
+    def transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on any exception): the store's methods
+        called inside commit together or not at all."""
+        self._conn.execute("BEGIN IMMEDIATE")
         try:
-            yield self.conn
+            yield
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._conn.execute("ROLLBACK")
             raise
         else:
-            self.conn.execute("COMMIT")
+            self._conn.execute("COMMIT")
 
-    def one(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self.conn.execute(sql, params).fetchone()
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._conn.execute(sql, params).fetchone()
         return row
 
-    def all(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        return list(self.conn.execute(sql, params).fetchall())
+    def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return list(self._conn.execute(sql, params).fetchall())
 
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, params)
+    def _exec(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        self._conn.execute(sql, params)
 
-    # ----- global state -----
-    def save_state(self, run_id: str, idx: int, state: ServerState, now: float) -> None:
-        """Record state ``idx`` (mean and sigma kept for every index; the ES itself replaced)."""
-        self.execute(
-            "INSERT INTO states (run_id, idx, mean, sigma, created_at) VALUES (?, ?, ?, ?, ?)",
-            (run_id, idx, encode_vector(state.mean), float(state.sigma), now),
+    # ----- runs -----
+    def add_run(self, run_id: str, config_json: str, now: float) -> None:
+        seq = self._one("SELECT COALESCE(MAX(seq), 0) + 1 AS s FROM runs")
+        assert seq is not None
+        self._exec(
+            "INSERT INTO runs (run_id, seq, config, state, round, created_at) VALUES (?, ?, ?, 'created', 0, ?)",
+            (run_id, seq["s"], config_json, now),
         )
-        numbers = None if state.es is None else json.dumps(state.es.numbers())
-        self.execute(
-            "INSERT OR REPLACE INTO es_state (run_id, idx, numbers) VALUES (?, ?, ?)", (run_id, idx, numbers)
+
+    def run(self, run_id: str) -> RunRow | None:
+        r = self._one("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        if r is None:
+            return None
+        return RunRow(
+            run_id=r["run_id"],
+            config=r["config"],
+            state=cast(RunStateName, r["state"]),
+            round=int(r["round"]),
+            created_at=float(r["created_at"]),
+            started_at=r["started_at"],
+            finished_at=r["finished_at"],
+            error=r["error"],
         )
-        self.execute("DELETE FROM es_arrays WHERE run_id = ?", (run_id,))
-        if state.es is not None:
-            for name, array in state.es.arrays().items():
-                self.execute(
-                    "INSERT INTO es_arrays (run_id, name, dtype, shape, layout, data) VALUES (?, ?, ?, ?, ?, ?)",
-                    (run_id, name, *_pack(array)),
-                )
 
-    def load_state(self, run_id: str) -> tuple[int, ServerState]:
-        head = self.one("SELECT idx, numbers FROM es_state WHERE run_id = ?", (run_id,))
-        if head is None:
-            raise LookupError(f"run {run_id} has no global state")
-        idx = int(head["idx"])
-        row = self.one("SELECT mean, sigma FROM states WHERE run_id = ? AND idx = ?", (run_id, idx))
-        if row is None:
-            raise LookupError(f"run {run_id} has no state {idx}")
-        core = None
-        if head["numbers"] is not None:
-            values: dict[str, Any] = dict(json.loads(head["numbers"]))
-            for a in self.all(
-                "SELECT name, dtype, shape, layout, data FROM es_arrays WHERE run_id = ?", (run_id,)
-            ):
-                values[a["name"]] = _unpack(a["dtype"], a["shape"], a["layout"], a["data"])
-            core = ESCore(**values)
-        return idx, ServerState(mean=decode_vector(row["mean"]), sigma=float(row["sigma"]), es=core)
+    def run_ids(self) -> list[str]:
+        return [r["run_id"] for r in self._all("SELECT run_id FROM runs ORDER BY seq")]
 
-    def state_mean(self, run_id: str, idx: int) -> tuple[np.ndarray, float] | None:
-        row = self.one("SELECT mean, sigma FROM states WHERE run_id = ? AND idx = ?", (run_id, idx))
-        return None if row is None else (decode_vector(row["mean"]), float(row["sigma"]))
+    def mark_running(self, run_id: str, now: float) -> None:
+        self._exec("UPDATE runs SET state = 'running', started_at = ? WHERE run_id = ?", (now, run_id))
 
-    # ----- validation (selection) -----
-    def add_validation(
-        self, run_id: str, idx: int, client_id: str, loss: float, accuracy: float | None, n: int
+    def finish_run(self, run_id: str, final_round: int, now: float) -> None:
+        self._exec(
+            "UPDATE runs SET state = 'finished', round = ?, finished_at = ? WHERE run_id = ?",
+            (final_round, now, run_id),
+        )
+
+    def fail_run(self, run_id: str, error: str, now: float) -> None:
+        self._exec(
+            "UPDATE runs SET state = 'failed', error = ?, finished_at = ? WHERE run_id = ?",
+            (error, now, run_id),
+        )
+
+    # ----- clients -----
+    def client_by_token(self, token_hash: str) -> ClientRow | None:
+        r = self._one(
+            "SELECT client_id, run_id, name, created_at FROM clients WHERE token_hash = ?", (token_hash,)
+        )
+        return (
+            None if r is None else ClientRow(r["client_id"], r["run_id"], r["name"], float(r["created_at"]))
+        )
+
+    def has_client(self, run_id: str, name: str) -> bool:
+        return self._one("SELECT 1 FROM clients WHERE run_id = ? AND name = ?", (run_id, name)) is not None
+
+    def add_client(self, client_id: str, run_id: str, name: str, token_hash: str, now: float) -> None:
+        seq = self._one("SELECT COALESCE(MAX(seq), 0) + 1 AS s FROM clients")
+        assert seq is not None
+        self._exec(
+            "INSERT INTO clients (client_id, run_id, seq, name, token_hash, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (client_id, run_id, seq["s"], name, token_hash, now),
+        )
+
+    def enrolled(self, run_id: str) -> list[str]:
+        """The run's client ids in name order (unique in a run; sites enrol concurrently, so only
+        the names make the sampling of a rerun with the same seed and names the same)."""
+        rows = self._all("SELECT client_id FROM clients WHERE run_id = ? ORDER BY name", (run_id,))
+        return [r["client_id"] for r in rows]
+
+    def clients(self, run_id: str) -> list[ClientRow]:
+        """The run's clients in enrolment order."""
+        rows = self._all(
+            "SELECT client_id, run_id, name, created_at FROM clients WHERE run_id = ? ORDER BY seq", (run_id,)
+        )
+        return [ClientRow(r["client_id"], r["run_id"], r["name"], float(r["created_at"])) for r in rows]
+
+    # ----- rounds -----
+    def open_round(
+        self, run_id: str, round_: int, sampled: list[str], now: float, deadline: float, sigma_before: float
     ) -> None:
-        """A site's validation of global state ``idx`` (a repeat of the same report changes nothing)."""
-        self.execute(
-            "INSERT OR IGNORE INTO validations (run_id, idx, client_id, loss, accuracy, n) VALUES (?, ?, ?, ?, ?, ?)",
-            (run_id, idx, client_id, float(loss), accuracy, int(n)),
+        """Round ``round_``'s first attempt; it becomes the run's current round."""
+        self._exec(
+            "INSERT INTO rounds (run_id, round, state, attempt, sampled, opened_at, deadline, sigma_before) "
+            "VALUES (?, ?, 'open', 1, ?, ?, ?, ?)",
+            (run_id, round_, json.dumps(sampled), now, deadline, sigma_before),
         )
+        self._exec("UPDATE runs SET round = ? WHERE run_id = ?", (round_, run_id))
+
+    def reissue_round(
+        self, run_id: str, round_: int, attempt: int, sampled: list[str], deadline: float
+    ) -> None:
+        self._exec(
+            "UPDATE rounds SET attempt = ?, sampled = ?, deadline = ? WHERE run_id = ? AND round = ?",
+            (attempt, json.dumps(sampled), deadline, run_id, round_),
+        )
+
+    def round(self, run_id: str, round_: int) -> RoundRow | None:
+        r = self._one("SELECT * FROM rounds WHERE run_id = ? AND round = ?", (run_id, round_))
+        return None if r is None else _round_row(r)
+
+    def rounds(self, run_id: str) -> list[RoundRow]:
+        return [
+            _round_row(r)
+            for r in self._all("SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,))
+        ]
+
+    def close_round(self, run_id: str, round_: int, closed: ClosedRound) -> None:
+        self._exec(
+            "UPDATE rounds SET state = 'closed', closed_at = ?, sigma_after = ?, server_sigma = ?, "
+            "mean_norm = ?, aggregation_seconds = ?, used = ?, clipped = ?, rejected = ? "
+            "WHERE run_id = ? AND round = ?",
+            (
+                closed.closed_at,
+                closed.sigma_after,
+                closed.server_sigma,
+                closed.mean_norm,
+                closed.aggregation_seconds,
+                json.dumps(closed.used),
+                json.dumps(closed.clipped),
+                json.dumps(closed.rejected),
+                run_id,
+                round_,
+            ),
+        )
+
+    def due_rounds(self) -> list[tuple[str, int]]:
+        """(run, round) of every running run's open current round."""
+        rows = self._all(
+            "SELECT r.run_id, r.round FROM rounds r JOIN runs u ON u.run_id = r.run_id AND u.round = r.round "
+            "WHERE u.state = 'running' AND r.state = 'open'"
+        )
+        return [(r["run_id"], int(r["round"])) for r in rows]
+
+    # ----- updates -----
+    def has_update(self, run_id: str, round_: int, client_id: str) -> bool:
+        row = self._one(
+            "SELECT 1 FROM updates WHERE run_id = ? AND round = ? AND client_id = ?",
+            (run_id, round_, client_id),
+        )
+        return row is not None
+
+    def round_updates(self, run_id: str, round_: int) -> list[StoredUpdate]:
+        """The round's updates in client-name order (not by who enrolled or answered first)."""
+        rows = self._all(
+            "SELECT u.* FROM updates u JOIN clients c ON c.client_id = u.client_id "
+            "WHERE u.run_id = ? AND u.round = ? ORDER BY c.name",
+            (run_id, round_),
+        )
+        return [
+            StoredUpdate(
+                client_id=r["client_id"],
+                mean=decode_vector(r["mean"]),
+                fitness=float(r["fitness"]),
+                sigmas=tuple(float(s) for s in json.loads(r["sigmas"])),
+                mu=int(r["mu"]),
+                n_samples=int(r["n_samples"]),
+            )
+            for r in rows
+        ]
+
+    def answered(self, run_id: str, round_: int) -> set[str]:
+        rows = self._all("SELECT client_id FROM updates WHERE run_id = ? AND round = ?", (run_id, round_))
+        return {r["client_id"] for r in rows}
+
+    def add_update(self, run_id: str, round_: int, client_id: str, update: NewUpdate, now: float) -> None:
+        self._exec(
+            "INSERT INTO updates (run_id, round, client_id, mean, fitness, sigmas, mu, n_samples, metrics, "
+            "bytes_in, ack_bytes, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                round_,
+                client_id,
+                encode_vector(update.mean),
+                float(update.fitness),
+                json.dumps([float(s) for s in update.sigmas]),
+                update.mu,
+                update.n_samples,
+                update.metrics.model_dump_json(),
+                update.bytes_in,
+                update.ack_bytes,
+                now,
+            ),
+        )
+
+    def update_summaries(self, run_id: str) -> list[UpdateSummary]:
+        """Every update of the run, by round and then enrolment order."""
+        rows = self._all(
+            "SELECT u.round, u.client_id, c.name, u.fitness, u.n_samples, u.metrics, u.received_at "
+            "FROM updates u JOIN clients c ON c.client_id = u.client_id "
+            "WHERE u.run_id = ? ORDER BY u.round, c.seq",
+            (run_id,),
+        )
+        return [
+            UpdateSummary(
+                round=int(r["round"]),
+                client_id=r["client_id"],
+                name=r["name"],
+                fitness=float(r["fitness"]),
+                n_samples=int(r["n_samples"]),
+                metrics=ClientMetrics.model_validate_json(r["metrics"]),
+                received_at=float(r["received_at"]),
+            )
+            for r in rows
+        ]
+
+    # ----- evaluations of the final state -----
+    def add_eval(
+        self,
+        run_id: str,
+        round_: int,
+        client_id: str,
+        accuracy: float,
+        n_test: int,
+        loss: float | None,
+        now: float,
+    ) -> None:
+        self._exec(
+            "INSERT INTO evals (run_id, round, client_id, test_accuracy, n_test, test_loss, received_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, round_, client_id, accuracy, n_test, loss, now),
+        )
+
+    def evals(self, run_id: str) -> list[EvalRow]:
+        rows = self._all(
+            "SELECT round, client_id, test_accuracy, n_test, received_at FROM evals WHERE run_id = ? ORDER BY round",
+            (run_id,),
+        )
+        return [
+            EvalRow(
+                int(r["round"]),
+                r["client_id"],
+                float(r["test_accuracy"]),
+                int(r["n_test"]),
+                float(r["received_at"]),
+            )
+            for r in rows
+        ]
 
     def has_final_report(self, run_id: str, last_round: int, client_id: str) -> bool:
         """Whether the client already reported its evaluation of the final state (test metrics in
         ``evals`` under the last round, or its validation of state last_round + 1)."""
-        row = self.one(
+        row = self._one(
             "SELECT (SELECT COUNT(*) FROM evals WHERE run_id = ? AND round = ? AND client_id = ?) "
             "+ (SELECT COUNT(*) FROM validations WHERE run_id = ? AND idx = ? AND client_id = ?) AS n",
             (run_id, last_round, client_id, run_id, last_round + 1, client_id),
         )
         return row is not None and int(row["n"]) > 0
 
+    # ----- global state -----
+    def save_state(self, run_id: str, idx: int, state: ServerState, now: float) -> None:
+        """Record state ``idx`` (mean and sigma kept for every index; the ES itself replaced)."""
+        self._exec(
+            "INSERT INTO states (run_id, idx, mean, sigma, created_at) VALUES (?, ?, ?, ?, ?)",
+            (run_id, idx, encode_vector(state.mean), float(state.sigma), now),
+        )
+        numbers = None if state.es is None else json.dumps(state.es.numbers())
+        self._exec(
+            "INSERT OR REPLACE INTO es_state (run_id, idx, numbers) VALUES (?, ?, ?)", (run_id, idx, numbers)
+        )
+        self._exec("DELETE FROM es_arrays WHERE run_id = ?", (run_id,))
+        if state.es is not None:
+            for name, array in state.es.arrays().items():
+                self._exec(
+                    "INSERT INTO es_arrays (run_id, name, dtype, shape, layout, data) VALUES (?, ?, ?, ?, ?, ?)",
+                    (run_id, name, *_pack(array)),
+                )
+
+    def load_state(self, run_id: str) -> tuple[int, ServerState]:
+        head = self._one("SELECT idx, numbers FROM es_state WHERE run_id = ?", (run_id,))
+        if head is None:
+            raise LookupError(f"run {run_id} has no global state")
+        idx = int(head["idx"])
+        row = self._one("SELECT mean, sigma FROM states WHERE run_id = ? AND idx = ?", (run_id, idx))
+        if row is None:
+            raise LookupError(f"run {run_id} has no state {idx}")
+        core = None
+        if head["numbers"] is not None:
+            values: dict[str, Any] = dict(json.loads(head["numbers"]))
+            for a in self._all(
+                "SELECT name, dtype, shape, layout, data FROM es_arrays WHERE run_id = ?", (run_id,)
+            ):
+                values[a["name"]] = _unpack(a["dtype"], a["shape"], a["layout"], a["data"])
+            core = ESCore(**values)
+        return idx, ServerState(mean=decode_vector(row["mean"]), sigma=float(row["sigma"]), es=core)
+
+    def state_mean(self, run_id: str, idx: int) -> np.ndarray | None:
+        """The mean of global state ``idx`` (every index is kept); None if there is none."""
+        row = self._one("SELECT mean FROM states WHERE run_id = ? AND idx = ?", (run_id, idx))
+        return None if row is None else decode_vector(row["mean"])
+
+    # ----- validation (selection) -----
+    def add_validation(
+        self, run_id: str, idx: int, client_id: str, loss: float, accuracy: float | None, n: int
+    ) -> None:
+        """A site's validation of global state ``idx`` (a repeat of the same report changes nothing)."""
+        self._exec(
+            "INSERT OR IGNORE INTO validations (run_id, idx, client_id, loss, accuracy, n) VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, idx, client_id, float(loss), accuracy, int(n)),
+        )
+
     def validation_by_state(self, run_id: str) -> dict[int, Validation]:
         """Per global state: the sites' validation loss and accuracy, weighted by their counts."""
-        rows = self.all(
+        rows = self._all(
             "SELECT idx, SUM(loss * n) / SUM(n) AS loss, SUM(accuracy * n) / SUM(n) AS accuracy, "
             "SUM(n) AS n FROM validations WHERE run_id = ? GROUP BY idx ORDER BY idx",
             (run_id,),
@@ -292,9 +687,28 @@ class Store:
 
     # ----- traffic -----
     def add_traffic(self, run_id: str, round_: int, client_id: str, bytes_in: int, bytes_out: int) -> None:
-        self.execute(
+        self._exec(
             "INSERT INTO traffic (run_id, round, client_id, bytes_in, bytes_out) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (run_id, round, client_id) DO UPDATE SET "
             "bytes_in = bytes_in + excluded.bytes_in, bytes_out = bytes_out + excluded.bytes_out",
             (run_id, round_, client_id, bytes_in, bytes_out),
         )
+
+    def traffic(self, run_id: str) -> list[TrafficRow]:
+        rows = self._all(
+            "SELECT round, client_id, bytes_in, bytes_out FROM traffic WHERE run_id = ?", (run_id,)
+        )
+        return [
+            TrafficRow(int(r["round"]), r["client_id"], int(r["bytes_in"]), int(r["bytes_out"])) for r in rows
+        ]
+
+    # ----- gauges (the read-only connection: never waits for the engine) -----
+    def gauges(self) -> tuple[dict[str, int], int]:
+        """(runs by state, enrolled clients over all runs), as last committed."""
+        with self._reader_lock:
+            runs = {
+                r["state"]: int(r["n"])
+                for r in self._reader.execute("SELECT state, COUNT(*) AS n FROM runs GROUP BY state")
+            }
+            clients = self._reader.execute("SELECT COUNT(*) AS n FROM clients").fetchone()
+        return runs, int(clients["n"])

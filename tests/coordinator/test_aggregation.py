@@ -11,12 +11,8 @@ import cma
 import numpy as np
 import pytest
 
-from coordinator.aggregation import (
-    Contribution,
-    aggregate,
-    paper_server_sigma,
-    reference_server_sigma,
-)
+from coordinator.aggregators import Contribution, aggregate
+from coordinator.aggregators.cmaes import paper_server_sigma, reference_server_sigma
 from coordinator.es_state import EigenCache, ServerState, initial_es, restore
 from coordinator.store import Store
 from protos import RunConfig
@@ -190,10 +186,8 @@ def test_restore_from_sqlite_equals_continuing(tmp_path: Path) -> None:
     d, m = 200, 6
     cfg = config(d, rounds=50)
     store = Store(tmp_path / "s.db")
-    with store.transaction() as db:
-        db.execute(
-            "INSERT INTO runs (run_id, seq, config, state, round, created_at) VALUES ('r', 1, '{}', 'x', 0, 0)"
-        )
+    with store.transaction():
+        store.add_run("r", cfg.model_dump_json(), 0.0)
     memory = initial_es(d, 1.0, m, cfg.rounds)
     rng = np.random.default_rng(5)
     for idx in range(6):

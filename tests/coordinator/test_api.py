@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.aggregation import Contribution, aggregate
+from coordinator.aggregators import Contribution, aggregate
 from coordinator.es_state import initial_es
 from protos import Array, ClientMetrics, PromptResponse, RoundRecord, RunConfig, RunInfo, Task
 from tests.coordinator.conftest import ADMIN_HEADERS, Coordinator, synthetic_update
@@ -147,7 +147,7 @@ def test_options_reach_the_task(coord: Coordinator) -> None:
     assert all(t.round == 1 and t.evaluate is False for t in nxt)  # eval_every = 2
     assert nxt[0].client_seed not in (tasks[0].client_seed, nxt[1].client_seed)
     # The diagonal is the diagonal of the server's full C (which the server keeps).
-    state = coord.http.app.state.engine._state(run_id)[1]  # type: ignore[attr-defined]
+    state = coord.http.app.state.engine.runs.state(run_id)[1]
     assert nxt[0].state is not None and nxt[0].state.cov is not None
     np.testing.assert_array_equal(nxt[0].state.cov.numpy(), np.diag(state.es.C).astype(np.float32))
 
@@ -213,7 +213,7 @@ def test_a_rerun_with_the_same_names_draws_the_same_whatever_the_enrolment_order
         for name in [n for n in order if n in tasks]:
             update = synthetic_update(tasks[name], names.index(name))
             assert coord.post_update(run_id, 0, by_name[name], update).status_code == 200
-        state = coord.http.app.state.engine._state(run_id)  # type: ignore[attr-defined]
+        state = coord.http.app.state.engine.runs.state(run_id)
         assert state[0] == 1
         seeds = {n: t.client_seed for n, t in tasks.items()}
         outcomes.append((chosen, seeds, state[1].mean.tobytes(), state[1].sigma))

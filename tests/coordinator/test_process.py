@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.aggregation import Contribution, aggregate
+from coordinator.aggregators import Contribution, aggregate
 from coordinator.es_state import initial_es
 from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port
 from protos import ClientUpdate, PromptResponse, RoundRecord, RunConfig, Task
