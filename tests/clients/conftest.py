@@ -1,5 +1,6 @@
 """Fixtures of the client tests: small data files, a real inference service process on a tiny
-random model (built once per session), and a stand-in HTTP server for flaky-network tests."""
+random model (built once per session), a relay that records (and can lose) what a client sends
+to a real service, and a stand-in HTTP server for flaky-network tests."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -78,6 +82,88 @@ def model_url(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     proc, url = _serve(tiny_bert, tmp_path_factory.mktemp("serve") / "serve-model.log", "--max-rows", "64")
     with running(proc, ready_url=f"{url}/readyz", timeout=180):
         yield url
+
+
+# ----- a relay: the network between a client and a real service -----
+
+Recorded = tuple[str, str, bytes]  # method, path, body
+
+
+class Relay:
+    """Forwards every request to ``target`` (a real service) and its answer back, and records them.
+    Requests ``lose`` picks are recorded in ``lost`` instead and never forwarded: the connection
+    closes without an answer, as when a network drops a request."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target.rstrip("/")
+        self.requests: list[Recorded] = []
+        self.lost: list[Recorded] = []
+        self.lose: Callable[[str, str], bool] = lambda method, path: False
+        self._http = httpx.Client(timeout=300)
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def relay(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(size) if size else b""
+                record = (self.command, urlsplit(self.path).path, body)
+                with relay._lock:
+                    if relay.lose(record[0], record[1]):
+                        relay.lost.append(record)
+                        self.close_connection = True
+                        return
+                    relay.requests.append(record)
+                keep = ("authorization", "content-type", "accept")
+                headers = {k: v for k, v in self.headers.items() if k.lower() in keep}
+                answer = relay._http.request(
+                    self.command, relay.target + self.path, content=body, headers=headers
+                )
+                self.send_response(answer.status_code)
+                for name in ("content-type", "retry-after"):
+                    if name in answer.headers:
+                        self.send_header(name, answer.headers[name])
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = relay
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    def start(self) -> Relay:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._http.close()
+
+    def bodies(self, method: str, path_end: str) -> list[bytes]:
+        """The forwarded bodies of ``method`` requests whose path ends with ``path_end``."""
+        return [b for m, p, b in self.requests if m == method and p.endswith(path_end)]
+
+
+@pytest.fixture
+def relay() -> Iterator[Callable[[str], Relay]]:
+    made: list[Relay] = []
+
+    def make(target: str) -> Relay:
+        made.append(Relay(target).start())
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.stop()
 
 
 # ----- a stand-in for a flaky network: our own tiny HTTP server, scripted per test -----

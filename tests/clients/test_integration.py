@@ -21,13 +21,13 @@ import pytest
 
 from fed_clients.client import SiteClient
 from fed_clients.coordinator_api import CoordinatorService
-from fed_clients.data import LabeledTexts
+from fed_clients.data import LabeledTexts, load_labeled_texts
 from fed_clients.model_api import ModelService
 from fed_clients.perturb import Perturber
-from fed_clients.transport import JsonService
+from fed_clients.transport import JsonService, RetryPolicy, ServiceUnavailable
 from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port, running
-from protos import PromptResponse, RunConfig
-from tests.clients.conftest import SST2_SAMPLE, write_jsonl
+from protos import PromptResponse, RunConfig, ScoreRequest
+from tests.clients.conftest import SST2_SAMPLE, Relay, write_jsonl
 
 ADMIN = "integration-admin-token"
 HEADERS = {"Authorization": f"Bearer {ADMIN}"}
@@ -139,8 +139,10 @@ def test_two_clients_two_rounds_then_evaluate(model_url: str, coordinator_url: s
             assert record["n_val"] == 2 and record["val_loss"] == pytest.approx(
                 np.mean([p["metrics"]["val_loss"] for p in record["participants"]])
             )
-        assert rounds[-1].get("final_test_accuracy") is not None
-        assert rounds[-1].get("final_val_loss") is not None  # the final state is a candidate too
+        # Both sites score the final state on the same 12 test examples: the mean of two shares of 12.
+        final_accuracy = rounds[-1]["final_test_accuracy"]
+        assert 0 <= final_accuracy <= 1 and final_accuracy * 24 == pytest.approx(round(final_accuracy * 24))
+        assert 0 <= rounds[-1]["final_val_loss"] < 50  # the final state is a candidate too
         final = PromptResponse.model_validate_json(admin.get(f"/v1/runs/{run_id}/prompt?state=final").content)
         assert final.round == 2 and final.chosen == "final"
         assert not np.allclose(final.z.numpy(), mean_before)  # the global mean moved
@@ -262,6 +264,86 @@ def test_the_perturbation_follows_the_site_name_not_its_client_id(coordinator_ur
     ids_in = [list(range(3, 60))]
     copies = [perturber.copy(ids_in, run_seed=7, round_=2, client_key=k).input_ids for k in keys]
     assert copies[0] == copies[1] != ids_in
+
+
+def _one_site_run(coordinator_url: str, name: str, **config: Any) -> tuple[str, str, RunConfig]:
+    """A started one-round run with one enrolled site ``name``: (run id, the site's token, config)."""
+    run_config = RunConfig(
+        name=name, rounds=1, min_clients=1, round_timeout_s=300, task="sst2",
+        projection={"seed": 13, "intrinsic_dim": 16, "prompt_length": 4},  # type: ignore[arg-type]
+        local_popsize=4, local_iters=2, max_input_tokens=32, eval_every=0, val_share=0, **config,
+    )  # fmt: skip
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        run_id: str = admin.post("/v1/runs", json=run_config.model_dump(mode="json")).json()["run_id"]
+        token: str = admin.post(f"/v1/runs/{run_id}/clients", json={"name": name}).json()["token"]
+        assert admin.post(f"/v1/runs/{run_id}/start").status_code == 200
+    return run_id, token, run_config
+
+
+def test_an_update_that_got_no_answer_is_re_sent_not_retrained(
+    model_url: str, coordinator_url: str, relay: Callable[[str], Relay], tmp_path: Path
+) -> None:
+    """The POST of a round's update gets no answer (the network drops it; the retry budget runs out)
+    and the site's loop is run again: the coordinator hands out the same round and state, and the
+    client re-sends the update it already computed, byte for byte, without another call to the
+    inference service. Catches a client that trains the round again (``SiteClient.handle_train``
+    without its check of the updates already sent)."""
+    run_id, token, _ = _one_site_run(coordinator_url, "org-resend")
+    network = relay(coordinator_url)
+    network.lose = lambda method, path: method == "POST" and path.endswith("/updates")
+    lossy = RetryPolicy(total_s=0.5, initial_s=0.1, max_backoff_s=0.2)
+    coordinator = JsonService("coordinator", network.url, token=token, retry=lossy)
+    model = JsonService("model service", model_url, timeout_s=120)
+    data = load_labeled_texts(str(write_jsonl(tmp_path / "site.jsonl", SST2_SAMPLE)))
+    with coordinator, model:
+        site = SiteClient(CoordinatorService(coordinator), ModelService(model), data, poll_wait_s=0)
+        with pytest.raises(ServiceUnavailable, match="updates"):
+            site.run()
+        assert network.lost and not network.bodies("POST", "/updates")  # nothing reached the coordinator
+        trained = model.traffic.copy()
+        assert trained.calls > 0
+
+        network.lose = lambda method, path: False
+        assert site.run() is None  # the run finishes (no test data, no validation split to report)
+        assert model.traffic.since(trained).calls == 0  # not trained again
+    sent = network.bodies("POST", "/updates")
+    assert sent == [network.lost[0][2]]  # once, the very bytes that were lost
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        assert admin.get(f"/v1/runs/{run_id}").json()["state"] == "finished"
+        rounds = _rounds(admin.get(f"/v1/runs/{run_id}/rounds").json())
+    assert [[p["name"] for p in r["participants"]] for r in rounds] == [["org-resend"]]
+
+
+def test_scope_all_sends_the_template_perturbation_with_every_perturbed_score(
+    model_url: str, coordinator_url: str, relay: Callable[[str], Relay], tmp_path: Path
+) -> None:
+    """``perturb_scope: all``: every perturbed score call of a round (one per generation, one for
+    the final mean) carries ``perturb_template`` with the run's rate and the round's seed next to
+    the perturbed input ids, and the clean calls carry none; read from the requests the client
+    really sent to the inference service. Catches a client that perturbs the inputs but drops the
+    template part on the way (the perturbed copy scored without its ``template``)."""
+    _, token, config = _one_site_run(coordinator_url, "org-all", perturb_scope="all", perturb_rate=0.5)
+    network = relay(model_url)
+    coordinator = JsonService("coordinator", coordinator_url, token=token)
+    model = JsonService("model service", network.url, timeout_s=120)
+    data = load_labeled_texts(str(write_jsonl(tmp_path / "site.jsonl", SST2_SAMPLE)))
+    with coordinator, model:
+        site = SiteClient(CoordinatorService(coordinator), ModelService(model), data, poll_wait_s=0)
+        assert site.run() is None
+        vocab_size = site.model.info().vocab_size
+    scores = [ScoreRequest.model_validate_json(body) for body in network.bodies("POST", "/v1/score")]
+    assert len(scores) == 2 * config.local_iters + 2
+    clean = [r for r in scores if r.perturb_template is None]
+    perturbed = [r for r in scores if r.perturb_template is not None]
+    assert len(clean) == len(perturbed) == config.local_iters + 1
+    ids = clean[0].input_ids
+    assert ids is not None and all(r.input_ids == ids for r in clean)
+    # What the round's copy is (scope all: replacements from the whole vocabulary, no specials kept).
+    expected = Perturber(vocab_size, (), config.perturb_rate, "all").copy(ids, config.seed, 0, "org-all")
+    assert expected.template is not None and expected.template.rate == 0.5
+    for request in perturbed:
+        assert request.perturb_template == expected.template
+        assert request.input_ids == expected.input_ids != ids
 
 
 def _federate(model_url: str, coordinator_url: str, tmp_path: Path, test_rows: list[tuple[str, int]]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,12 +42,17 @@ def test_retries_503_then_succeeds(
 
 
 def test_429_honours_retry_after(stand_in: Callable[..., StandIn]) -> None:
+    """The wait before the retry is at least the Retry-After the service asked for (0.25 s), not
+    the policy's own backoff (at most 0.05 s here). Read from what the client asks its sleep for,
+    not from a clock. Catches a client that ignores Retry-After."""
     server = stand_in().start()
     server.script.on("/v1/model", (429, {"detail": "slow down"}, {"Retry-After": "0.25"}), (200, INFO))
-    with _http(server.url) as http:
-        started = time.monotonic()
-        ModelService(http).info()
-        assert time.monotonic() - started >= 0.25
+    waits: list[float] = []
+    with JsonService(
+        "model service", server.url, token="k", timeout_s=5, retry=FAST, sleep=waits.append
+    ) as http:
+        assert ModelService(http).info().model_id == "stand-in"
+    assert len(waits) == 1 and waits[0] >= 0.25, waits
     assert server.script.hits["/v1/model"] == 2
 
 

@@ -24,7 +24,7 @@ from fed_clients.presets import ResolvedTask, resolve_task
 from fed_clients.training import make_score_fn, train_locally
 from fed_clients.transport import JsonService, RetryPolicy
 from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port
-from protos import Array, GlobalState, ProjectionSpec, PromptResponse
+from protos import Array, GlobalState, ProjectionSpec, PromptResponse, TemplatePerturbation
 from tests.clients.conftest import SST2_SAMPLE, write_jsonl
 
 PROJECTION = ProjectionSpec(seed=7, intrinsic_dim=16, prompt_length=4)
@@ -125,6 +125,30 @@ def test_scope_all_reaches_the_service(model: ModelService, task: ResolvedTask, 
         task.spec, split.input_ids, z=z, projection=PROJECTION, perturb_template=hard.template
     )
     assert not np.allclose(clean, templated)
+
+
+def test_split_calls_give_each_input_its_own_template_draw(
+    model: ModelService, task: ResolvedTask, split: EncodedSplit
+) -> None:
+    """The service perturbs row b of a call from (seed, b); a score split over several calls offsets
+    the seed by the call's first input. Catches a split that sends every call the same seed: input
+    12 (row 0 of the second call) would then get input 0's perturbed copy. The same 12 inputs three
+    times: equal clean logits in every call, three different perturbed copies."""
+    z = np.random.default_rng(4).normal(size=(5, 16))
+    ids = split.input_ids * 3  # 36 inputs x 5 prompts, max_rows 64: three calls of 12 inputs
+    template = TemplatePerturbation(rate=0.5, seed=99)
+    before = model.traffic.copy()
+    clean = model.score(task.spec, ids, z=z, projection=PROJECTION)
+    perturbed = model.score(task.spec, ids, z=z, projection=PROJECTION, perturb_template=template)
+    assert model.traffic.since(before).calls == 6
+    for k in (12, 24):
+        np.testing.assert_allclose(clean[:, k : k + 12], clean[:, :12], atol=1e-5, rtol=0)
+        # Per input, the largest change over prompts and labels (measured >= 4e-4; float noise ~1e-7).
+        moved = np.abs(perturbed[:, k : k + 12] - perturbed[:, :12]).max(axis=(0, 2))
+        assert (moved > 1e-5).all(), moved
+    # The same split again: the same copies (the seeds are the request's, not drawn per call).
+    again = model.score(task.spec, ids, z=z, projection=PROJECTION, perturb_template=template)
+    np.testing.assert_allclose(again, perturbed, atol=1e-5, rtol=0)
 
 
 def test_evaluation_matches_a_direct_score_and_reports_progress(

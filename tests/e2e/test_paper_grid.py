@@ -64,7 +64,9 @@ def test_the_paper_grid_runs_one_round_on_a_tiny_roberta(
         assert r.rounds == 1 and r.clients == 2 and r.test_size == 16
         assert r.settings is not None and r.settings["service"]["head"] == "mlm"
         assert r.settings["run"]["projection"]["intrinsic_dim"] == 500
-        assert r.final_accuracy is not None and r.selected_accuracy is not None
+        for accuracy in (r.final_accuracy, r.selected_accuracy):  # whole numbers of the 16 examples
+            assert accuracy is not None and 0 <= accuracy <= 1, (method, accuracy)
+            assert accuracy * 16 == pytest.approx(round(accuracy * 16), abs=1e-6), (method, accuracy)
     # The reference row keeps BBT's placeholders and hands out its final state (no validation split).
     assert records["fedbpt_reference"].settings["run"]["projection"]["init"] == "placeholder"  # type: ignore[index]
     # ... and another p0 reached the service: state 0 (z = 0) has another test loss there.

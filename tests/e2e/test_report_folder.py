@@ -33,5 +33,15 @@ def test_overwrite_removes_only_simulation_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-def test_empty_folder_is_fine(tmp_path: Path) -> None:
+def test_a_folder_without_a_simulation_is_used_as_it_is(tmp_path: Path) -> None:
+    """An empty folder, or one holding only the user's own files, takes a simulation without
+    --overwrite and loses nothing. Catches a check that refuses any non-empty folder, and a clear
+    that removes more than what a simulation wrote."""
     clear_previous(tmp_path, overwrite=False)
+    assert tmp_path.is_dir() and list(tmp_path.iterdir()) == []
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    (tmp_path / "other-runs").mkdir()
+    for overwrite in (False, True):
+        clear_previous(tmp_path, overwrite=overwrite)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "other-runs"]
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"

@@ -4,8 +4,10 @@ API key, body-size limits, metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -356,4 +358,38 @@ def test_readyz_reports_a_failed_load(tmp_path: Any, zoo: Zoo) -> None:
                 break
             time.sleep(0.05)
         assert r.status_code == 503 and "failed to load" in r.json()["detail"]
-        assert client.post("/v1/score", json=body).status_code == 503
+        refused = client.post("/v1/score", json=body)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+
+
+def test_a_full_queue_is_503_with_retry_after(zoo: Zoo) -> None:
+    """With the model queue at its limit (max_queue 1, one job holding the model thread), /v1/score
+    answers 503 at once with a Retry-After header (what clients back off on) and scores again once
+    the queue has room. Catches a queue that takes more than its limit (the request would wait
+    for the held job instead) and a 503 without Retry-After."""
+    app = create_app(zoo.settings("llama", max_queue=1), backend=zoo.backend("llama"))
+    scheduler = app.state.service.scheduler
+    gate = threading.Event()
+
+    async def occupy() -> asyncio.Future[Any]:
+        job = asyncio.ensure_future(scheduler.submit(lambda: gate.wait(60)))
+        await asyncio.sleep(0)  # the job ran up to its queue slot: it counts against the limit
+        return job
+
+    async def result(job: asyncio.Future[Any]) -> Any:
+        return await job
+
+    with TestClient(app) as client:
+        assert client.portal is not None
+        job = client.portal.call(occupy)
+        try:
+            assert scheduler.depth == 1
+            full = client.post("/v1/score", json=_body(p=1))
+            assert full.status_code == 503, full.text
+            assert full.headers["Retry-After"] == "1"
+            assert "queue is full" in full.json()["detail"]
+        finally:
+            gate.set()
+        assert client.portal.call(result, job) is True  # the held job itself was not disturbed
+        assert scheduler.depth == 0
+        assert _logits(client.post("/v1/score", json=_body(p=1))).shape == (1, len(TEXTS), 2)

@@ -1,20 +1,33 @@
 """The three heads against independent reference computations (full model forwards, one row at a
 time, no padding), on tiny random models saved/loaded with save_pretrained/from_pretrained and on the
-real MiniLM; z vs prompt_embeds; chunking and bucketing; template perturbation."""
+real MiniLM; z vs prompt_embeds; chunking and bucketing; template perturbation.
+
+The references never read the scorer's own sequences: each row, its prompt slot, its scored position
+and the label ids are built here from the model's tokenizer and the template alone, by the layout of
+docs/design.md ("Sequences, per head") and ``protos.TaskSpec`` (the soft prompt right after the first
+special token; the mlm head scores the ``{mask}`` position, the causal head the last token; the
+embedding head pools every position but the prompt's). A scorer that put the prompt, or read the
+logits, anywhere else fails them.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from inference_service.backends.base import RowBatch, embedding_matrix_std, prompted_input_embeds
 from inference_service.backends.transformers_backend import CausalBackend, EmbeddingBackend
 from inference_service.scoring import Scorer
-from protos import Array, ScoreRequest, TemplatePerturbation
+from protos import Array, ScoreRequest, TaskSpec, TemplatePerturbation
+from protos.scoring import DEFAULT_INIT_TEXT
 from tests.service.conftest import TASKS, TEXTS, Zoo, z_request
 
 ATOL = 1e-5
@@ -22,8 +35,58 @@ ATOL = 1e-5
 # with AVX-512/AMX kernels (MKL, oneDNN) rows differ by a few float32 ulps (measured: up to 1.9e-6 on
 # logits of ~16, 1.2e-7 relative). Identical rows are therefore compared to SAME_ROW (16 ulps relative),
 # never exactly (docs/development.md, "Float determinism").
-SAME_ROW = {"rtol": 2e-6, "atol": 1e-7}
+SAME_ROW: dict[str, Any] = {"rtol": 2e-6, "atol": 1e-7}
 Population = Callable[..., np.ndarray]
+# protos.TaskSpec: "The soft prompt always sits right after the first special token ([CLS], <s>, BOS)."
+PROMPT_START = 1
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model sequence as the docs define it: its ids and the position whose logits are read."""
+
+    ids: list[int]
+    scored: int  # mlm: the mask token; causal: the last token; embedding: -1 (pooled, none read)
+
+
+def _tokenizer(zoo: Zoo, name: str) -> Any:
+    """The model's tokenizer, loaded here from the model folder (not the scorer's codec)."""
+    return AutoTokenizer.from_pretrained(str(zoo.path(name)))
+
+
+def _prompt_slot_ids(tok: Any, length: int) -> list[int]:
+    """p0's tokens: the default init text read after a word (a leading space), repeated or cut to
+    ``length`` (docs/design.md)."""
+    phrase: list[int] = tok(" " + DEFAULT_INIT_TEXT, add_special_tokens=False)["input_ids"]
+    return [phrase[i % len(phrase)] for i in range(length)]
+
+
+def _reference_rows(tok: Any, task: TaskSpec, head: str, texts: list[str], prompt_length: int) -> list[Row]:
+    """Each input's row from the tokenizer and the template alone: the template filled with the
+    input and the mask token (which absorbs the space before it), read after a word (the prompt's),
+    with the tokenizer's own special framing; the prompt's tokens go right after the first special
+    token."""
+    rows = []
+    for text in texts:
+        filled = re.sub(r"\s*\{mask\}", tok.mask_token or "", task.template)
+        filled = filled.replace("{input}", text.strip()).rstrip()
+        whole: list[int] = tok(" " + filled)["input_ids"]
+        assert whole[0] in tok.all_special_ids  # [CLS] / <s> / BOS opens the row
+        ids = [whole[0], *_prompt_slot_ids(tok, prompt_length), *whole[1:]]
+        if head == "mlm":
+            assert ids.count(tok.mask_token_id) == 1
+            scored = ids.index(tok.mask_token_id)
+        else:
+            scored = len(ids) - 1 if head == "causal" else -1
+        rows.append(Row(ids, scored))
+    return rows
+
+
+def _label_ids(tok: Any, task: TaskSpec, head: str) -> list[int]:
+    """mlm: each word's first token without a leading space (BBT's verbaliser); causal: the first
+    token of the word as it follows the template (after a space)."""
+    lead = "" if head == "mlm" else " "
+    return [tok(lead + w.strip(), add_special_tokens=False)["input_ids"][0] for w in task.labels]
 
 
 def _logits(scorer: Scorer, request: ScoreRequest) -> np.ndarray:
@@ -44,28 +107,31 @@ def _offsets(scorer: Scorer, request: ScoreRequest) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["bert", "roberta"])
 @pytest.mark.parametrize("zero_bias", [True, False])
 def test_mlm_matches_bbt_add_mode(zoo: Zoo, population: Population, name: str, zero_bias: bool) -> None:
+    """Catches a prompt added at another slot than right after [CLS]/<s>, or logits read at another
+    position than the mask (the rows here are the tokenizer's, not the scorer's)."""
     scorer = zoo.scorer(name, zero_mlm_bias=zero_bias)
     request = z_request(name, population(3, 16))
     got = _logits(scorer, request)
-    seqs = scorer.prepare(request).seqs
     offsets = _offsets(scorer, request)
-    label_ids = list(scorer.tasks.get(request.task).label_ids or ())
+    tok = _tokenizer(zoo, name)
+    length = offsets.shape[1]
+    rows = _reference_rows(tok, request.task, "mlm", TEXTS, length)
+    label_ids = _label_ids(tok, request.task, "mlm")
 
     model = AutoModelForMaskedLM.from_pretrained(str(zoo.path(name))).eval()
     bias = model.get_output_embeddings().bias
-    s, length = seqs.prompt_start, seqs.prompt_length
     with torch.inference_mode():
         for p in range(3):
 
             def add(module: torch.nn.Module, args: object, out: torch.Tensor, p: int = p) -> torch.Tensor:
                 out = out.clone()
-                out[:, s : s + length] += offsets[p]
+                out[:, PROMPT_START : PROMPT_START + length] += offsets[p]
                 return out
 
             handle = model.base_model.embeddings.register_forward_hook(add)
             try:
-                for b, seq in enumerate(seqs.token_ids):
-                    full = model(input_ids=torch.tensor([seq])).logits[0, seqs.score_index[b]]
+                for b, row in enumerate(rows):
+                    full = model(input_ids=torch.tensor([row.ids])).logits[0, row.scored]
                     if zero_bias:
                         full = full - bias
                     np.testing.assert_allclose(got[p, b], full[label_ids].numpy(), atol=ATOL, rtol=0)
@@ -74,35 +140,38 @@ def test_mlm_matches_bbt_add_mode(zoo: Zoo, population: Population, name: str, z
 
 
 def test_mlm_zero_shot_equals_the_plain_model(zoo: Zoo) -> None:
+    """No prompt rows at all: the plain model's logits at the mask of the tokenizer's own row.
+    Catches logits read at another position than the mask."""
     scorer = zoo.scorer("roberta", zero_mlm_bias=False)
     request = ScoreRequest(task=TASKS["roberta"], texts=TEXTS)
     got = _logits(scorer, request)
-    seqs = scorer.prepare(request).seqs
-    assert seqs.prompt_length == 0
-    label_ids = list(scorer.tasks.get(request.task).label_ids or ())
+    tok = _tokenizer(zoo, "roberta")
+    rows = _reference_rows(tok, request.task, "mlm", TEXTS, 0)
+    label_ids = _label_ids(tok, request.task, "mlm")
     model = AutoModelForMaskedLM.from_pretrained(str(zoo.path("roberta"))).eval()
     with torch.inference_mode():
-        for b, seq in enumerate(seqs.token_ids):
-            full = model(input_ids=torch.tensor([seq])).logits[0, seqs.score_index[b], label_ids]
+        for b, row in enumerate(rows):
+            full = model(input_ids=torch.tensor([row.ids])).logits[0, row.scored, label_ids]
             np.testing.assert_allclose(got[0, b], full.numpy(), atol=ATOL, rtol=0)
 
 
 def test_causal_matches_word_embedding_add(zoo: Zoo, population: Population) -> None:
+    """Catches a prompt added anywhere but right after BOS, or logits read anywhere but the last token."""
     scorer = zoo.scorer("llama")
     request = z_request("llama", population(3, 16))
     got = _logits(scorer, request)
-    seqs = scorer.prepare(request).seqs
     offsets = _offsets(scorer, request)
-    label_ids = list(scorer.tasks.get(request.task).label_ids or ())
+    tok = _tokenizer(zoo, "llama")
+    length = offsets.shape[1]
+    rows = _reference_rows(tok, request.task, "causal", TEXTS, length)
+    label_ids = _label_ids(tok, request.task, "causal")
     model = AutoModelForCausalLM.from_pretrained(str(zoo.path("llama"))).eval()
-    s, length = seqs.prompt_start, seqs.prompt_length
-    assert s == 1  # right after BOS
     with torch.inference_mode():
         for p in range(3):
-            for b, seq in enumerate(seqs.token_ids):
-                emb = model.get_input_embeddings()(torch.tensor(seq)).clone()
-                emb[s : s + length] += offsets[p]
-                ref = model(inputs_embeds=emb[None]).logits[0, -1, label_ids]
+            for b, row in enumerate(rows):
+                emb = model.get_input_embeddings()(torch.tensor(row.ids)).clone()
+                emb[PROMPT_START : PROMPT_START + length] += offsets[p]
+                ref = model(inputs_embeds=emb[None]).logits[0, row.scored, label_ids]
                 np.testing.assert_allclose(got[p, b], ref.numpy(), atol=ATOL, rtol=0)
 
 
@@ -121,14 +190,16 @@ def test_causal_full_route_equals_label_rows(zoo: Zoo, population: Population) -
 
 
 def _embedding_reference(
-    backend: EmbeddingBackend, seq: list[int], start: int, offset: torch.Tensor | None, anchors: torch.Tensor
+    st: SentenceTransformer, seq: list[int], offset: torch.Tensor | None, anchors: torch.Tensor
 ) -> np.ndarray:
-    model = backend.encoder
+    """One row through the encoder with the prompt added at the slot after [CLS], mean-pooled over
+    every position but the prompt's, normalised, 20 x cosine to each anchor."""
+    model: Any = st[0].auto_model
     emb = model.get_input_embeddings()(torch.tensor(seq)).clone()
     keep = torch.ones(len(seq), dtype=torch.bool)
     if offset is not None:
-        emb[start : start + offset.shape[0]] += offset
-        keep[start : start + offset.shape[0]] = False
+        emb[PROMPT_START : PROMPT_START + offset.shape[0]] += offset
+        keep[PROMPT_START : PROMPT_START + offset.shape[0]] = False
     hidden = model(inputs_embeds=emb[None]).last_hidden_state[0]
     pooled = torch.nn.functional.normalize(hidden[keep].mean(0), dim=-1)
     return (20.0 * anchors @ pooled).numpy()
@@ -136,10 +207,11 @@ def _embedding_reference(
 
 @pytest.mark.parametrize("name", ["st-bert", "minilm"])
 def test_embedding_head_matches_sentence_transformers(zoo: Zoo, population: Population, name: str) -> None:
+    """Against sentence-transformers loaded here from the model folder: catches a prompt put
+    elsewhere than right after [CLS], or prompt rows pooled (or input rows left out of the pool)."""
     scorer = zoo.scorer(name)
-    backend = scorer.backend
-    assert isinstance(backend, EmbeddingBackend)
-    st = backend.st_model
+    assert isinstance(scorer.backend, EmbeddingBackend)
+    st = SentenceTransformer(str(zoo.path(name)), device="cpu").eval()
     labels = TASKS[name].labels
     anchors = torch.tensor(st.encode(labels, normalize_embeddings=True))
 
@@ -150,12 +222,12 @@ def test_embedding_head_matches_sentence_transformers(zoo: Zoo, population: Popu
 
     request = z_request(name, population(2, 16))
     got = _logits(scorer, request)
-    seqs = scorer.prepare(request).seqs
     offsets = _offsets(scorer, request)
+    rows = _reference_rows(st[0].tokenizer, request.task, "embedding", TEXTS, offsets.shape[1])
     with torch.inference_mode():
         for p in range(2):
-            for b, seq in enumerate(seqs.token_ids):
-                ref = _embedding_reference(backend, seq, seqs.prompt_start, offsets[p], anchors)
+            for b, row in enumerate(rows):
+                ref = _embedding_reference(st, row.ids, offsets[p], anchors)
                 np.testing.assert_allclose(got[p, b], ref, atol=1e-4, rtol=0)
     assert np.abs(got[0] - got[1]).max() > 1e-3
 
@@ -165,13 +237,11 @@ def test_z_path_equals_prompt_embeds_p0_plus_az(zoo: Zoo, population: Population
     scorer = zoo.scorer(name)
     request = z_request(name, population(3, 16))
     by_z = _logits(scorer, request)
-    seqs = scorer.prepare(request).seqs
-    codec = scorer.backend.codec
+    assert request.projection is not None
+    # p0: what the model makes of the init text's tokens at the slot (the tokens from the tokenizer).
+    slot = _prompt_slot_ids(_tokenizer(zoo, name), request.projection.prompt_length)
     with torch.inference_mode():
-        assert request.projection is not None
-        p0 = scorer.backend.placeholder_embeddings(
-            codec.prompt_ids(seqs.prompt_length, request.projection.p0_text), seqs.prompt_start
-        )
+        p0 = scorer.backend.placeholder_embeddings(slot, PROMPT_START)
         embeds = (p0[None] + _offsets(scorer, request)).numpy()
     dense = ScoreRequest(prompt_embeds=Array.from_numpy(embeds), task=request.task, texts=TEXTS)
     np.testing.assert_allclose(_logits(scorer, dense), by_z, atol=ATOL, rtol=0)
@@ -249,31 +319,31 @@ def test_texts_and_token_ids_score_the_same(zoo: Zoo, population: Population) ->
 def test_per_row_prompted_embeds_helper_matches_the_causal_head(
     zoo: Zoo, population: Population, mode: str
 ) -> None:
-    """The helper a per-sequence backend (vLLM) builds its prompt_embeds with gives the same logits."""
+    """The helper a per-sequence backend (vLLM) builds its prompt_embeds with gives the same logits,
+    on rows built from the tokenizer (prompt after BOS, last token scored)."""
     scorer = zoo.scorer("llama")
     backend = scorer.backend
     assert isinstance(backend, CausalBackend)
     request = z_request("llama", population(2, 16))
     prepared = scorer.prepare(request)
-    seqs = prepared.seqs
-    assert prepared.prompts is not None
+    assert prepared.prompts is not None and request.projection is not None
+    length = request.projection.prompt_length
+    tok = _tokenizer(zoo, "llama")
+    rows = _reference_rows(tok, request.task, "causal", TEXTS, length)
     prompts = prepared.prompts
     if mode == "replace":
-        assert request.projection is not None
-        p0 = backend.placeholder_embeddings(
-            backend.codec.prompt_ids(seqs.prompt_length, request.projection.p0_text), seqs.prompt_start
-        )
+        p0 = backend.placeholder_embeddings(_prompt_slot_ids(tok, length), PROMPT_START)
         prompts = p0[None] + prompts
-    rows = [(p, b) for p in range(2) for b in range(len(TEXTS))]
+    pairs = [(p, b) for p in range(2) for b in range(len(TEXTS))]
     batch = RowBatch(
-        token_ids=[seqs.token_ids[b] for _, b in rows],
-        prompt_start=seqs.prompt_start,
-        prompt_length=seqs.prompt_length,
-        prompt_index=[p for p, _ in rows],
+        token_ids=[rows[b].ids for _, b in pairs],
+        prompt_start=PROMPT_START,
+        prompt_length=length,
+        prompt_index=[p for p, _ in pairs],
         prompts=prompts,
         prompt_mode=mode,  # type: ignore[arg-type]
-        score_index=[seqs.score_index[b] for _, b in rows],
-        label_ids=list(scorer.tasks.get(request.task).label_ids or ()),
+        score_index=[rows[b].scored for _, b in pairs],
+        label_ids=_label_ids(tok, request.task, "causal"),
     )
     expected = _logits(scorer, request).reshape(-1, 2)
     with torch.inference_mode():

@@ -25,8 +25,7 @@ def test_bert_rows_equal_the_tokenizers_own_reading(zoo: Zoo) -> None:
     text = "a great movie"
     seqs = assemble(task, codec.encode_inputs([text]), codec, 4, 512)
     whole = tok(f"{text} . It was [MASK] .")["input_ids"]  # [CLS] ... [MASK] . [SEP]
-    placeholders = codec.placeholder_ids(4)
-    assert placeholders == [1000, 1001, 1002, 1003]
+    placeholders = [1000, 1001, 1002, 1003]  # BBT's placeholder ids (no special id among them here)
     assert seqs.token_ids[0] == [whole[0], *placeholders, *whole[1:]]
     assert seqs.prompt_start == 1
     assert seqs.token_ids[0][seqs.score_index[0]] == tok.mask_token_id
@@ -43,7 +42,7 @@ def test_roberta_pieces_and_labels_follow_bbt(zoo: Zoo) -> None:
     )
     seqs = assemble(task, codec.encode_inputs(["a great movie"]), codec, 3, 512)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    expected = [tok.bos_token_id, *codec.placeholder_ids(3), *enc(" a great movie . It was")]
+    expected = [tok.bos_token_id, 1000, 1001, 1002, *enc(" a great movie . It was")]
     expected += [tok.mask_token_id, *enc(" ."), tok.eos_token_id]
     assert seqs.token_ids[0] == expected
     # Label words: the first token without a leading space (BBT's verbaliser), not "Ġbad".
@@ -60,7 +59,8 @@ def test_causal_rows_end_at_the_answer_and_labels_follow_a_space(zoo: Zoo) -> No
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert seqs.token_ids[0] == [
         tok.bos_token_id,
-        *codec.placeholder_ids(2),
+        1000,
+        1001,
         *enc(" Review: a great movie . The sentiment is"),
     ]
     assert seqs.score_index[0] == len(seqs.token_ids[0]) - 1
@@ -75,7 +75,7 @@ def test_embedding_rows_and_anchors(zoo: Zoo) -> None:
     )
     seqs = assemble(task, codec.encode_inputs(["a great movie"]), codec, 2, 256)
     whole = tok("a great movie")["input_ids"]
-    assert seqs.token_ids[0] == [whole[0], *codec.placeholder_ids(2), *whole[1:]]
+    assert seqs.token_ids[0] == [whole[0], 1000, 1001, *whole[1:]]
     assert task.anchor_ids == (
         tuple(tok("this is bad")["input_ids"]),
         tuple(tok("this is great")["input_ids"]),
@@ -159,6 +159,30 @@ def test_template_perturbation_is_seeded_per_input_and_spares_the_input(zoo: Zoo
         assert seq[start:end] == ref[start:end]
         changed = sum(x != y for x, y in zip(seq, ref, strict=True))
         assert changed >= 3  # ~60% of 13 template/prompt/special positions
+
+
+def test_template_perturbation_of_row_b_draws_from_seed_and_b_alone(zoo: Zoo) -> None:
+    """The wire promise of ``TemplatePerturbation``: row b draws from (seed, b) and nothing else, so a
+    client that splits B inputs over several calls (offsetting the seed) reproduces its copy. Catches
+    a draw seeded per call (identical inputs get identical copies) and one stream for the whole call
+    (row b's copy then depends on the rows before it)."""
+    codec = _codec(zoo, "bert")
+    task = compile_task(
+        TaskSpec(template="{input} . It was {mask} .", labels=["bad", "great"]), "mlm", codec, 512
+    )
+
+    def perturbed(texts: list[str]) -> list[list[int]]:
+        seqs = assemble(task, codec.encode_inputs(texts), codec, 8, 512)
+        perturb_template(seqs, TemplatePerturbation(rate=0.6, seed=5), codec.vocab_size)
+        return seqs.token_ids
+
+    movie = "a great movie"
+    twice = perturbed([movie, movie])
+    assert twice[0] != twice[1]  # b enters the draw
+    short = perturbed(["bad", movie])
+    long = perturbed(["the story of the characters is funny and sad at the same time", movie])
+    assert short[1] == long[1] == twice[1]  # row 1 does not depend on row 0
+    assert perturbed([movie]) == twice[:1]  # nor row 0 on the rows after it
 
 
 def test_init_text_fills_the_prompt_slot_with_its_own_tokens(zoo: Zoo) -> None:

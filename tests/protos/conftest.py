@@ -1,0 +1,1 @@
+"""The wire schemas and the array codec (``protos``): plain values, no services, no fixtures yet."""
