@@ -334,23 +334,29 @@ def test_fedavg_is_the_n_weighted_mean_with_fixed_sigma_and_identity_cov() -> No
     assert default.state.sigma == 1.0  # fedavg_sigma unset: projection.sigma0
 
 
+@pytest.mark.parametrize("offset", [0.0, 3.0], ids=["at-0", "moved"])
 @pytest.mark.parametrize(
     ("aggregator", "mode", "multiple"),
     [("cmaes", "reject", 3.0), ("cmaes", "clip", 1.0), ("fedavg", "clip", 3.0), ("fedavg", "reject", 3.0)],
 )
-def test_robust_option_limits_a_poisoned_update(aggregator: str, mode: str, multiple: float) -> None:
+def test_robust_option_limits_a_poisoned_update(
+    aggregator: str, mode: str, multiple: float, offset: float
+) -> None:
     """One hostile site sends a far-away mean with the best fitness. Unguarded, fedavg follows it
     almost all the way and pycma gives it the top rank weight (its own clipping only shortens the
     move to about sigma' * (sqrt(d) + 2), i.e. ~2.1 sigma sqrt(d) with the reference's sigma');
-    guarded, the update is pulled back to multiple * sigma * sqrt(d) or left out."""
+    guarded, the update is pulled back to multiple * sigma * sqrt(d) or left out. ``moved``: from
+    a global mean that is not 0 (the radius is around it). Breaks caught (moved): the distance
+    measured from 0 instead of from the global mean (the honest sites are then clipped or left out)."""
     d = 40
     if aggregator == "cmaes":
         state = initial_es(d, 1.0, 4, 10)
+        state.mean = np.full(d, offset)
     else:
-        state = ServerState(mean=np.zeros(d), sigma=1.0, es=None)
+        state = ServerState(mean=np.full(d, offset), sigma=1.0, es=None)
     rng = np.random.default_rng(21)
     honest = contributions(state, rng, 3, spread=(0.2, 0.5))
-    poison = Contribution("evil", np.full(d, 1e4), -1.0, (1.0,) * 8, 2, 10)
+    poison = Contribution("evil", state.mean + 1e4, -1.0, (1.0,) * 8, 2, 10)
     cfg = config(d, aggregator=aggregator, robust=mode, robust_multiple=multiple)
     out = aggregate(cfg, state, [*honest, poison])
     unguarded = aggregate(config(d, aggregator=aggregator), state, [*honest, poison])
@@ -365,7 +371,23 @@ def test_robust_option_limits_a_poisoned_update(aggregator: str, mode: str, mult
         assert out.clipped == ["evil"] and out.rejected == []
         assert "evil" in out.used
         assert moved <= radius  # a weighted mean of moves no longer than the radius
+        # The honest sites inside the radius are used as they came (only the poison was pulled).
+        unpoisoned = aggregate(cfg, state, honest)
+        assert unpoisoned.clipped == [] and unpoisoned.used == ["c00", "c01", "c02"]
     assert float(np.linalg.norm(unguarded.state.mean - state.mean)) > 1.5 * moved
+
+
+def test_clients_with_different_mu_each_divide_by_their_own() -> None:
+    """sigma' = sqrt(sum_k (sum_j sigma_kj^2) / mu_k / M), hand-computed. Breaks caught: one mu
+    for all (the first client's, or the mean mu), or M and mu swapped."""
+    a = Contribution("a", np.zeros(2), 0.1, (1.0, 2.0), 1, 5)  # 5 / 1
+    b = Contribution("b", np.zeros(2), 0.2, (2.0, 2.0), 4, 5)  # 8 / 4
+    c = Contribution("c", np.zeros(2), 0.3, (3.0,), 3, 5)  # 9 / 3
+    assert reference_server_sigma([a, b, c]) == pytest.approx(math.sqrt((5 + 2 + 3) / 3), rel=1e-15)
+    assert reference_server_sigma([b, c]) == pytest.approx(math.sqrt((2 + 3) / 2), rel=1e-15)
+    # The same mu everywhere: the reference's expression, sum over M then / mu.
+    same = [Contribution(x.client_id, x.mean, x.fitness, x.sigmas, 2, 5) for x in (a, b, c)]
+    assert reference_server_sigma(same) == pytest.approx(math.sqrt((5 + 8 + 9) / 3 / 2), rel=1e-15)
 
 
 def test_no_usable_update_keeps_the_state() -> None:

@@ -329,8 +329,12 @@ def test_reissue_then_fail_when_too_few_answer(coord: Coordinator) -> None:
     assert r.status_code == 409 and "failed" in r.json()["detail"]
 
 
-def test_reissue_keeps_answers_and_tops_up_the_sample(coord: Coordinator) -> None:
-    run_id, sites = coord.new_run(4, frac=0.5, min_clients=2, round_timeout_s=0.3, seed=7)
+@pytest.mark.parametrize("seed", range(6))
+def test_reissue_keeps_answers_and_tops_up_the_sample(coord: Coordinator, seed: int) -> None:
+    """Over several seeds, so that a re-issue which forgets who answered cannot pass by the luck
+    of one draw (each seed keeps the answering site by chance with probability 1/2).
+    Breaks caught: the re-issue drawing its sample without keeping the answers."""
+    run_id, sites = coord.new_run(4, frac=0.5, min_clients=2, round_timeout_s=0.3, seed=seed)
     first = coord.rounds(run_id)[0]["sampled"]
     answering = next(s for s in sites if s.client_id == first[0])
     coord.train(run_id, answering, 1)
