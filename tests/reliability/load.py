@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 
-from protos import Task
+from protos import ScoreResponse, Task
 from tests.coordinator.conftest import synthetic_update
 
 TIME_CAP_S = 600.0
@@ -112,32 +113,45 @@ def coordinator_load(
 def score_load(
     url: str, pid: int, bodies: list[bytes], rows: int, levels: tuple[int, ...] = (1, 4, 16)
 ) -> dict[str, object]:
-    """The same requests sent by 1, 4 and 16 concurrent clients in turn."""
+    """The same requests sent by 1, 4 and 16 concurrent clients in turn. Each level also reports
+    how far its logits are from the first level's for the same request (``max_logit_diff``): the
+    service batches concurrent requests together, which may move the last bits, never more."""
     results: dict[str, object] = {"rows_per_request": rows, "requests_per_level": len(bodies)}
     deadline = time.monotonic() + TIME_CAP_S
+    first: dict[int, np.ndarray] = {}
     for clients in levels:
         lat = Latencies()
         before = rss_mb(pid)
+        answers: dict[int, np.ndarray] = {}
 
-        def client(k: int, clients: int, lat: Latencies) -> None:
+        def client(k: int, clients: int, lat: Latencies, answers: dict[int, np.ndarray]) -> None:
             with httpx.Client(
                 base_url=url, timeout=300, headers={"content-type": "application/json"}
             ) as http:
-                for body in bodies[k::clients]:
+                for i in range(k, len(bodies), clients):
                     if time.monotonic() > deadline:
                         return
                     start = time.perf_counter()
-                    lat.add(start, http.post("/v1/score", content=body).status_code == 200)
+                    response = http.post("/v1/score", content=bodies[i])
+                    lat.add(start, response.status_code == 200)
+                    if response.status_code == 200:
+                        answers[i] = ScoreResponse.model_validate_json(response.content).logits.numpy()
 
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=clients) as pool:
-            list(pool.map(functools.partial(client, clients=clients, lat=lat), range(clients)))
+            work = functools.partial(client, clients=clients, lat=lat, answers=answers)
+            list(pool.map(work, range(clients)))
         wall = time.perf_counter() - started
+        first = first or answers
+        diffs = [float(np.max(np.abs(answers[i] - first[i]))) for i in answers if i in first]
         results[f"{clients}_clients"] = {
             **lat.summary(),
             "rows_per_s": lat.summary()["count"] * rows / wall,
             "rss_mb_before": before,
             "rss_mb_after": rss_mb(pid),
+            "compared": len(diffs),
+            "max_logit_diff": max(diffs) if diffs else None,
+            "logit_scale": max(float(np.max(np.abs(a))) for a in answers.values()) if answers else None,
         }
     return results
 

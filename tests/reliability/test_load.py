@@ -66,10 +66,15 @@ def _bodies(count: int, p: int, b: int, template: str, labels: list[str]) -> lis
     ]
 
 
+@pytest.mark.parametrize("merging", ["auto", "merged"])
 @pytest.mark.parametrize("model", ["tiny-bert", pytest.param("minilm", marks=pytest.mark.slow)])
 def test_score_under_1_4_16_concurrent_clients(
-    model: str, tiny_bert: Path, tmp_path: Path, test_output: Path
+    model: str, merging: str, tiny_bert: Path, tmp_path: Path, test_output: Path
 ) -> None:
+    """No errors, bounded memory, and every answer the logits of its own request. ``merged``:
+    cross-request batching forced on (CPU's default is off), so concurrent requests share forward
+    passes and the scheduler hands each caller its part. Breaks caught (merged): the scheduler
+    handing out the outcomes of a merged group in another order."""
     if model == "minilm":
         args, count, task = [], 48, ("{input}", ["It was terrible.", "It was great."])
     else:
@@ -77,14 +82,21 @@ def test_score_under_1_4_16_concurrent_clients(
     port = free_port()
     argv = fedbpt_command("serve-model", "--port", str(port), "--log-level", "warning", *args)
     url = f"http://127.0.0.1:{port}"
+    env = {"FEDBPT_CROSS_REQUEST_BATCHING": "true"} if merging == "merged" else {}
     with running(
-        ManagedProcess("serve-model", argv, tmp_path / "m.log"), ready_url=f"{url}/readyz", timeout=300
+        ManagedProcess("serve-model", argv, tmp_path / "m.log", env=env),
+        ready_url=f"{url}/readyz",
+        timeout=300,
     ) as proc:
         bodies = _bodies(count, 5, 16, *task)
         score_load(url, proc.pid, bodies[:2], 80, levels=(1,))  # warm-up
         figures = score_load(url, proc.pid, bodies, 80)
-    save(figures, test_output / "reliability" / f"load_score_{model}.json")
+    save(figures, test_output / "reliability" / f"load_score_{model}_{merging}.json")
     for clients in (1, 4, 16):
         level = figures[f"{clients}_clients"]
         assert level["errors"] == 0 and level["count"] == count, level  # type: ignore[index]
         assert level["rss_mb_after"] - level["rss_mb_before"] < 300, level  # type: ignore[index]
+        # Every answer is the logits of its own request: the same as sent alone, up to the last
+        # bits that batching with other requests may move (float32, logits of order 10).
+        assert level["compared"] == count, level  # type: ignore[index]
+        assert level["max_logit_diff"] <= 1e-4 * max(1.0, level["logit_scale"]), level  # type: ignore[index,operator]
