@@ -122,6 +122,7 @@ def simulate(
         text_column=text_column,
         label_column=label_column,
         overwrite=overwrite,
+        preset=preset,
     )
     started = time.monotonic()
     code = sim.run()

@@ -18,6 +18,7 @@ from fed_clients.model_api import ModelService
 from fed_clients.presets import resolve_config
 from fed_clients.transport import JsonService
 from fedbpt_cli import federation_data, watch
+from fedbpt_cli.estimate import describe, estimate_rows
 from fedbpt_cli.peak_rss import PeakRssWatcher
 from fedbpt_cli.report import write_report
 from fedbpt_cli.services import LocalFederation, ModelServer, SimulationError
@@ -77,6 +78,8 @@ class Simulation:
     zero_shot: bool = True
     # The interpreter of the client processes (None: this one), e.g. a client-only environment.
     client_python: str | None = None
+    # The --preset the settings started from (None: none; a long CPU run then gets a hint).
+    preset: str | None = None
 
     def run(self) -> int:
         console = self.console or Console()
@@ -147,10 +150,14 @@ class Simulation:
         (self.out / "admin_token").chmod(0o600)
 
         zero_shot = None
+        rate = None
         if self.zero_shot:
             with console.status("scoring the zero-shot baseline (no prompt)"):
+                scoring = time.monotonic()
                 zero_shot = self._zero_shot(federation.model_url, files)
+                rate = files.test_size / max(time.monotonic() - scoring, 1e-6)
             console.print(f"zero-shot accuracy: {zero_shot:.4f}")
+        self._print_estimate(console, files, rate)
 
         run_id, tokens = federation.create_run(self.config, self.sites)
         for k, token in enumerate(tokens):
@@ -193,6 +200,14 @@ class Simulation:
             console.print(f"[red]run {info.state}[/]: {info.error or ''}")
             return EXIT_FAILED
         return EXIT_OK
+
+    def _print_estimate(
+        self, console: Console, files: federation_data.FederationFiles, rate: float | None
+    ) -> None:
+        per_client = [int(n) for n in files.counts.sum(axis=1)]
+        rows = estimate_rows(self.config, per_client, files.round_test_size, files.test_size)
+        for line in describe(rows, rate, self.preset):
+            console.print(line)
 
     @staticmethod
     def _get_prompt(http: Any, run_id: str, which: str) -> PromptResponse | None:

@@ -40,6 +40,17 @@ def round_line(record: RoundRecord) -> str:
     )
 
 
+def _remaining(rounds: list[RoundRecord], total: int) -> str:
+    """ ", about N min left" at the pace of the rounds closed so far (from the first round on)."""
+    closed = [r for r in rounds if r.state == "closed"]
+    opened = rounds[0].opened_at if rounds else None
+    if not closed or len(closed) >= total or opened is None:
+        return ""
+    per_round = (time.time() - opened) / len(closed)
+    left = per_round * (total - len(closed))
+    return f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
+
+
 def follow(
     http: httpx.Client,
     run_id: str,
@@ -73,7 +84,7 @@ def follow(
                 + (f", {len(current.participants)}/{len(current.sampled)} answered" if current else "")
                 + f", loss {_fmt(closed[-1].train_loss if closed else None)}, acc {_fmt(last_acc)}"
             )
-            bar.update(job, completed=len(closed), description=description)
+            bar.update(job, completed=len(closed), description=description + _remaining(rounds, total))
             if info.state in ("finished", "failed"):
                 return info, rounds
             check()
