@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fed_clients.perturb import Perturber, perturb_ids, replacement_pool, round_seed
+from fed_clients.perturb import Perturber, client_key_int, perturb_ids, replacement_pool, round_seed
 
 VOCAB = 1000
 SPECIALS = (0, 1, 2, 3, 103)
@@ -88,3 +88,39 @@ def test_rate_zero_changes_nothing_and_edge_cases() -> None:
     with pytest.raises(ValueError):
         Perturber(VOCAB, SPECIALS, 0.5, scope="everything")
     assert round_seed(1, 2, "x").entropy == round_seed(1, 2, "x").entropy
+
+
+def test_a_clients_key_is_the_little_endian_head_of_the_sha256_of_its_name() -> None:
+    """The seeding must not change between versions or machines: the key of "site-a" is the first
+    8 bytes of SHA-256("site-a") = d7 4a 1f fe 00 24 2c d0, read low byte first."""
+    assert client_key_int("site-a") == 0xD02C2400FE1F4AD7
+
+
+def test_perturbed_ids_stay_integers() -> None:
+    """They go to the service as token ids (JSON integers), however many are replaced."""
+    out = perturb_ids([[5, 6, 7], [], [8]], 0.5, replacement_pool(50), np.random.default_rng(3))
+    assert [len(s) for s in out] == [3, 0, 1]
+    assert all(type(t) is int for s in out for t in s)
+
+
+def test_the_template_seed_uses_the_schemas_63_bits() -> None:
+    """Scope "all": the per-round seed for the service spans [0, 2**63), not a 32- or 62-bit part."""
+    p = Perturber(VOCAB, SPECIALS, 0.3, scope="all")
+    seeds = []
+    for round_ in range(16):
+        template = p.copy([[5, 6]], 7, round_, "c").template
+        assert template is not None
+        seeds.append(template.seed)
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert max(seeds) >= 2**62
+
+
+def test_refusals_say_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match=r"^no vocabulary ids left to draw replacements from$"):
+        replacement_pool(3, (0, 1, 2))
+    with pytest.raises(ValueError, match=r"^unknown perturb scope 'everything'$"):
+        Perturber(VOCAB, SPECIALS, 0.5, scope="everything")
+    for rate in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"^perturb rate must be in \[0, 1\]$"):
+            Perturber(VOCAB, SPECIALS, rate)
+    Perturber(VOCAB, SPECIALS, 1.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inference_service.errors import BadRequest
-from inference_service.rows import assemble, perturb_template, plan_chunks
+from inference_service.rows import Sequences, assemble, perturb_template, plan_chunks
 from inference_service.tasks import compile_task
 from inference_service.text import TextCodec
 from protos import TaskSpec, TemplatePerturbation
@@ -210,3 +210,16 @@ def test_init_text_without_tokens_is_a_bad_request(zoo: Zoo) -> None:
     task = compile_task(TaskSpec(template="{input} {mask}", labels=["bad", "great"]), "mlm", codec, 512)
     with pytest.raises(BadRequest, match="init_text"):
         assemble(task, codec.encode_inputs(["a movie"]), codec, 3, 512, init_text="   ")
+
+
+def test_template_perturbation_draws_every_vocabulary_id_and_spares_the_input() -> None:
+    """At rate 1 every non-input position becomes an integer id drawn uniformly from the whole
+    vocabulary (id 0 included); the input's own ids (the client perturbs those) stay as they are."""
+    n, span = 3000, (100, 200)
+    seqs = Sequences([[7] * n], prompt_start=1, prompt_length=4, score_index=[n - 1], input_spans=[span])
+    perturb_template(seqs, TemplatePerturbation(rate=1.0, seed=11), vocab_size=5)
+    out = seqs.token_ids[0]
+    assert all(type(t) is int for t in out)
+    assert out[span[0] : span[1]] == [7] * (span[1] - span[0])
+    outside = out[: span[0]] + out[span[1] :]
+    assert set(outside) == {0, 1, 2, 3, 4}
