@@ -26,7 +26,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from coordinator.admission import admit_update
-from coordinator.aggregators import AggregationError, Contribution, Outcome, server_step
+from coordinator.aggregators import AggregationError, Outcome, server_step
 from coordinator.cache import RunCache
 from coordinator.errors import Conflict, NotFound
 from coordinator.es_state import EIGEN_CACHE
@@ -190,11 +190,8 @@ class Rounds:
             idx, state = self.runs.state(run_id)
             if idx != round_:
                 raise RuntimeError(f"run {run_id}: stored state {idx} does not start round {round_}")
-            contributions = [
-                Contribution(u.client_id, u.mean, u.fitness, u.sigmas, u.mu, u.n_samples) for u in updates
-            ]
             try:
-                outcome = server_step(self.runs.aggregator(run_id), config, state, contributions)
+                outcome = server_step(self.runs.aggregator(run_id), config, state, updates)
             except AggregationError as exc:
                 return self._fail(run_id, f"round {round_} could not be aggregated: {exc}", now), None
             self._commit(run_id, config, round_, outcome, now)

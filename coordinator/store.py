@@ -26,6 +26,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
+from coordinator.aggregators.base import Contribution
 from coordinator.es_state import ESCore, ServerState
 from protos import ClientMetrics
 
@@ -197,18 +198,6 @@ class ClosedRound:
     used: list[str]
     clipped: list[str]
     rejected: list[str]
-
-
-@dataclass(frozen=True)
-class StoredUpdate:
-    """A client's update as the server step reads it."""
-
-    client_id: str
-    mean: np.ndarray
-    fitness: float
-    sigmas: tuple[float, ...]
-    mu: int
-    n_samples: int
 
 
 @dataclass(frozen=True)
@@ -517,15 +506,15 @@ class Store:
         )
         return row is not None
 
-    def round_updates(self, run_id: str, round_: int) -> list[StoredUpdate]:
-        """The round's updates in client-name order (not by who enrolled or answered first)."""
+    def round_updates(self, run_id: str, round_: int) -> list[Contribution]:
+        """The round's updates, as the server step reads them, in client-name order (not by who enrolled or answered first)."""
         rows = self._all(
             "SELECT u.* FROM updates u JOIN clients c ON c.client_id = u.client_id "
             "WHERE u.run_id = ? AND u.round = ? ORDER BY c.name",
             (run_id, round_),
         )
         return [
-            StoredUpdate(
+            Contribution(
                 client_id=r["client_id"],
                 mean=decode_vector(r["mean"]),
                 fitness=float(r["fitness"]),
