@@ -158,7 +158,9 @@ def client(
     model_http = _service(settings, "model service", settings.model_endpoint, _secret(settings.api_key))
     site = SiteClient(
         CoordinatorService(coordinator_http),
-        ModelService(model_http, max_ids_per_call=settings.max_ids_per_call),
+        ModelService(
+            model_http, max_ids_per_call=settings.max_ids_per_call, input_handles=settings.input_handles
+        ),
         train,
         test,
         run_id=settings.run_id,
@@ -231,7 +233,9 @@ def evaluate(
     try:
         prompts = _load_prompts(run_prompt, settings, state or []) if run_prompt else {}
         prompt = next(iter(prompts.values()), None)
-        model = ModelService(model_http, max_ids_per_call=settings.max_ids_per_call)
+        model = ModelService(
+            model_http, max_ids_per_call=settings.max_ids_per_call, input_handles=settings.input_handles
+        )
         head = model.info().head
         task_name = task or (prompt.task if prompt else "sst2")
         resolved = resolve_task(

@@ -3,10 +3,20 @@
 Scoring honours the service's ``max_rows`` (largest P*B of one call) and a client-side cap on the
 token ids one body may carry: when P x B is too large, B (and, if need be, P) is split into as few
 calls as fit, and the logits are put back together as [P, B, C].
+
+The lean link (default where the service offers it, ``ModelInfo.input_handles``): the ids of each
+call's inputs are registered once (``POST /v1/inputs``, in the smallest integer dtype the
+vocabulary allows) and every call scores against the handle (``POST /v1/score/handle``), so the
+generations of a round send only their prompts. The handle is the content's hash, computed here
+first: inputs already registered are not sent again. A 404 (the service evicted or expired them,
+or restarted) registers them again and repeats the call once. Services without handles, and input
+sets larger than the service's cache (413), get the stateless ``POST /v1/score``.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,6 +24,9 @@ import numpy as np
 from fed_clients.transport import FatalServiceError, JsonService, Traffic
 from protos import (
     Array,
+    HandleScoreRequest,
+    InputsHandle,
+    InputsRegistration,
     ModelInfo,
     ProjectionSpec,
     ScoreRequest,
@@ -23,8 +36,12 @@ from protos import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from protos.inputs import flatten_inputs, ids_dtype, inputs_handle
+
+log = logging.getLogger(__name__)
 
 TOKENIZE_CHUNK = 2048
+KNOWN_HANDLES = 256  # handles remembered as registered (a round's sets: train, perturbed, val, test)
 DEFAULT_MAX_IDS_PER_CALL = 1_000_000  # ~7 MB of JSON: well under the service's 64 MiB body limit
 
 
@@ -49,10 +66,21 @@ def batch_slices(lengths: Sequence[int], max_items: int, max_ids: int) -> list[s
 class ModelService:
     """Typed calls to the inference service over a retrying :class:`JsonService`."""
 
-    def __init__(self, http: JsonService, max_ids_per_call: int = DEFAULT_MAX_IDS_PER_CALL) -> None:
+    def __init__(
+        self,
+        http: JsonService,
+        max_ids_per_call: int = DEFAULT_MAX_IDS_PER_CALL,
+        input_handles: bool = True,
+    ) -> None:
         self.http = http
         self.max_ids_per_call = max_ids_per_call
+        self.input_handles = input_handles  # False: always the stateless /v1/score
         self._info: ModelInfo | None = None
+        self._registered: OrderedDict[str, None] = OrderedDict()
+        self._handles_refused = False
+
+    def uses_handles(self) -> bool:
+        return self.input_handles and not self._handles_refused and self.info().input_handles
 
     @property
     def traffic(self) -> Traffic:
@@ -103,21 +131,15 @@ class ModelService:
             z_part = None if z is None else Array.from_numpy(np.asarray(z[pg], dtype=np.float32))
             row_blocks: list[np.ndarray] = []
             for bs in batch_slices(lengths, max(1, max_rows // p_count), self.max_ids_per_call):
-                request = ScoreRequest(
-                    projection=projection,
-                    z=z_part,
-                    task=task,
-                    input_ids=[list(ids) for ids in input_ids[bs]],
-                    perturb_template=(
-                        None
-                        if perturb_template is None
-                        else TemplatePerturbation(
-                            rate=perturb_template.rate,
-                            seed=(perturb_template.seed + bs.start) % (2**63),
-                        )
-                    ),
+                template = (
+                    None
+                    if perturb_template is None
+                    else TemplatePerturbation(
+                        rate=perturb_template.rate, seed=(perturb_template.seed + bs.start) % (2**63)
+                    )
                 )
-                response = self.http.post("/v1/score", request, ScoreResponse)
+                rows = [list(ids) for ids in input_ids[bs]]
+                response = self._score_call(task, rows, z_part, projection, template)
                 logits = response.logits.numpy()
                 expected = (p_count, bs.stop - bs.start, len(task.labels))
                 if tuple(logits.shape) != expected:
@@ -128,3 +150,70 @@ class ModelService:
                 row_blocks.append(np.asarray(logits, dtype=np.float64))
             blocks.append(np.concatenate(row_blocks, axis=1))
         return np.concatenate(blocks, axis=0)
+
+    def _score_call(
+        self,
+        task: TaskSpec,
+        rows: list[list[int]],
+        z: Array | None,
+        projection: ProjectionSpec | None,
+        template: TemplatePerturbation | None,
+    ) -> ScoreResponse:
+        """One score call: against the handle of ``rows`` where the service keeps inputs, else
+        stateless. A 404 on the handle registers the inputs again and repeats the call once."""
+        handle = self._handle_for(rows) if self.uses_handles() else None
+        for attempt in (0, 1):
+            if handle is None:
+                request = ScoreRequest(
+                    projection=projection, z=z, task=task, input_ids=rows, perturb_template=template
+                )
+                return self.http.post("/v1/score", request, ScoreResponse)
+            by_handle = HandleScoreRequest(
+                projection=projection, z=z, task=task, handle=handle, perturb_template=template
+            )
+            try:
+                return self.http.post("/v1/score/handle", by_handle, ScoreResponse)
+            except FatalServiceError as exc:
+                if exc.status != 404 or attempt == 1:
+                    raise
+                log.info(
+                    "input handle %s.. unknown to the service (evicted or expired); registering again",
+                    handle[:12],
+                )
+                self._registered.pop(handle, None)
+                handle = self._handle_for(rows) if self.uses_handles() else None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _handle_for(self, rows: list[list[int]]) -> str | None:
+        """The handle of ``rows``, registering them unless this client already did; None where
+        the service refuses (no handles after all: stateless from now on; too large: this call)."""
+        ids, lengths = flatten_inputs(rows)
+        handle = inputs_handle(ids, lengths)
+        if handle in self._registered:
+            self._registered.move_to_end(handle)
+            return handle
+        registration = InputsRegistration(
+            ids=Array.from_numpy(ids, ids_dtype(self.info().vocab_size)),  # type: ignore[arg-type]
+            lengths=Array.from_numpy(lengths, "int32"),
+        )
+        try:
+            answer = self.http.post("/v1/inputs", registration, InputsHandle)
+        except FatalServiceError as exc:
+            if exc.status in (404, 405):
+                log.info("the model service keeps no inputs (%s); scoring stateless", exc.status)
+                self._handles_refused = True
+                return None
+            if exc.status == 413:
+                log.info("inputs too large for the service's input cache; this call goes stateless")
+                return None
+            raise
+        finally:
+            self.http.traffic.registrations += 1
+        if answer.handle != handle:
+            raise FatalServiceError(
+                self.http.name, f"registered inputs answered handle {answer.handle}, expected {handle}"
+            )
+        self._registered[handle] = None
+        while len(self._registered) > KNOWN_HANDLES:
+            self._registered.popitem(last=False)
+        return handle

@@ -37,6 +37,11 @@ class ClientSettings(BaseSettings):
     request_timeout_s: float = Field(default=900.0, gt=0, description="read timeout of one call (score)")
     connect_timeout_s: float = Field(default=10.0, gt=0)
     max_ids_per_call: int = Field(default=1_000_000, ge=1, description="token ids one score body may carry")
+    input_handles: bool = Field(
+        default=True,
+        description="register inputs once and score against their handle where the service offers it "
+        "(false: every score call carries its ids)",
+    )
     ca_file: str | None = Field(
         default=None,
         description="PEM bundle to verify the services' TLS certificates (default: the system's)",

@@ -69,15 +69,17 @@ class RetryPolicy:
 
 @dataclass
 class Traffic:
-    """What went over the wire to one service: calls, score rows, body bytes each way."""
+    """What went over the wire to one service: calls (every HTTP answer), score rows, body bytes
+    each way, and how many of the calls registered inputs (``POST /v1/inputs``)."""
 
     calls: int = 0
     rows: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    registrations: int = 0
 
     def copy(self) -> Traffic:
-        return Traffic(self.calls, self.rows, self.bytes_sent, self.bytes_received)
+        return Traffic(self.calls, self.rows, self.bytes_sent, self.bytes_received, self.registrations)
 
     def since(self, before: Traffic) -> Traffic:
         return Traffic(
@@ -85,6 +87,7 @@ class Traffic:
             self.rows - before.rows,
             self.bytes_sent - before.bytes_sent,
             self.bytes_received - before.bytes_received,
+            self.registrations - before.registrations,
         )
 
 

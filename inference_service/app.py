@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -20,12 +21,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from inference_service.backends.base import Backend
-from inference_service.errors import ServiceError, Unavailable
+from inference_service.errors import BadRequest, ServiceError, Unavailable
+from inference_service.input_store import InputsTooLarge, InputStore
 from inference_service.metrics import CONTENT_TYPE, ServiceMetrics
-from inference_service.middleware import GuardMiddleware
+from inference_service.middleware import TENANT_KEY, GuardMiddleware
 from inference_service.scheduler import Scheduler
 from inference_service.scoring import Scorer
 from inference_service.settings import ServiceSettings
+from protos.inputs import HandleScoreRequest, InputsHandle, InputsRegistration
 from protos.scoring import ModelInfo, ScoreRequest, ScoreResponse, TokenizeRequest, TokenizeResponse
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class ServiceState:
             merge=bool(settings.cross_request_batching),
         )
         self.backend = backend
+        self.inputs = InputStore(settings.input_cache_bytes, settings.input_ttl_s, self.metrics)
         self.scorer: Scorer | None = None
         self.load_error: str | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -123,9 +127,11 @@ def create_app(settings: ServiceSettings | None = None, backend: Backend | None 
         lifespan=lifespan,
     )
     app.state.service = state
-    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     app.add_middleware(
-        GuardMiddleware, api_key=key, max_body_bytes=settings.max_body_bytes, metrics=state.metrics
+        GuardMiddleware,
+        api_keys=settings.bearer_keys(),
+        max_body_bytes=settings.max_body_bytes,
+        metrics=state.metrics,
     )
 
     @app.exception_handler(ServiceError)
@@ -172,8 +178,7 @@ def create_app(settings: ServiceSettings | None = None, backend: Backend | None 
         ids = await run_in_threadpool(scorer.tokenize, request.texts)
         return Response(TokenizeResponse(input_ids=ids).model_dump_json(), media_type="application/json")
 
-    @app.post("/v1/score", response_model=ScoreResponse)
-    async def score(request: ScoreRequest) -> Response:
+    async def _score(request: ScoreRequest) -> Response:
         scorer = state.ready_scorer()
         try:
             # Requests queued together (several clients) may share forward passes.
@@ -187,6 +192,63 @@ def create_app(settings: ServiceSettings | None = None, backend: Backend | None 
         state.metrics.score_requests.inc()
         # Built here, not re-validated by FastAPI: the logits array is encoded once.
         return Response(result.model_dump_json(), media_type="application/json")
+
+    @app.post("/v1/score", response_model=ScoreResponse)
+    async def score(request: ScoreRequest) -> Response:
+        return await _score(request)
+
+    def _handles_on() -> None:
+        if settings.input_cache_bytes <= 0:
+            raise ServiceError("input handles are off on this service (FEDBPT_INPUT_CACHE_BYTES=0)", 404)
+
+    @app.post("/v1/inputs", response_model=InputsHandle)
+    async def register_inputs(body: InputsRegistration, request: Request) -> InputsHandle:
+        _handles_on()
+        scorer = state.ready_scorer()
+        ids = body.ids.numpy()
+        vocab = scorer.info.vocab_size
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            lengths = body.lengths.numpy()
+            i = int(np.flatnonzero((ids < 0) | (ids >= vocab))[0])
+            b = int(np.searchsorted(np.cumsum(lengths), i, side="right"))
+            start = int(lengths[:b].sum())
+            raise BadRequest(
+                f"input {b}, token {i - start}: id {int(ids[i])} is outside the vocabulary [0, {vocab})"
+            )
+        handle = body.handle
+        try:
+            entry = state.inputs.put(request.scope.get(TENANT_KEY, ""), handle, ids, body.lengths.numpy())
+        except InputsTooLarge as exc:
+            raise ServiceError(f"{exc}; send them with POST /v1/score instead", 413) from None
+        return InputsHandle(
+            handle=handle,
+            num_inputs=entry.num_inputs,
+            num_ids=int(entry.ids.size),
+            stored_bytes=entry.nbytes,
+            ttl_s=state.inputs.ttl_s,
+        )
+
+    @app.post("/v1/score/handle", response_model=ScoreResponse)
+    async def score_handle(body: HandleScoreRequest, request: Request) -> Response:
+        _handles_on()
+        state.ready_scorer()
+        entry = state.inputs.get(request.scope.get(TENANT_KEY, ""), body.handle)
+        if entry is None:
+            # The same answer for never registered, evicted, expired and another key's handle.
+            raise ServiceError(
+                f"unknown input handle {body.handle}: register the inputs again (POST /v1/inputs)", 404
+            )
+        # Checked already (the handle schema's prompt checks, the ids at registration).
+        scored = ScoreRequest.model_construct(
+            projection=body.projection,
+            z=body.z,
+            prompt_embeds=body.prompt_embeds,
+            task=body.task,
+            input_ids=entry.rows(),
+            texts=None,
+            perturb_template=body.perturb_template,
+        )
+        return await _score(scored)
 
     return app
 

@@ -7,7 +7,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Routes get their own label value; anything else is "other" (no unbounded label sets).
-ROUTES = ("/v1/model", "/v1/tokenize", "/v1/score", "/healthz", "/readyz", "/metrics")
+ROUTES = (
+    "/v1/model",
+    "/v1/tokenize",
+    "/v1/score",
+    "/v1/inputs",
+    "/v1/score/handle",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -46,6 +55,25 @@ class ServiceMetrics:
         )
         self.in_flight = Gauge(
             "fedbpt_jobs_running", "Score jobs running now (0 or 1)", registry=self.registry
+        )
+
+        self.request_bytes = Counter(
+            "fedbpt_request_bytes", "Request body bytes by route", ["route"], registry=self.registry
+        )
+        self.response_bytes = Counter(
+            "fedbpt_response_bytes", "Response body bytes by route", ["route"], registry=self.registry
+        )
+        self.input_cache_bytes = Gauge(
+            "fedbpt_input_cache_bytes", "Bytes of registered inputs held", registry=self.registry
+        )
+        self.input_cache_entries = Gauge(
+            "fedbpt_input_cache_entries", "Registered input sets held", registry=self.registry
+        )
+        self.input_cache_evictions = Counter(
+            "fedbpt_input_cache_evictions",
+            "Registered input sets dropped, by reason",
+            ["reason"],
+            registry=self.registry,
         )
 
     def observe_forward(self, rows: int, padded_tokens: int) -> None:

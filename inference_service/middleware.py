@@ -1,5 +1,10 @@
 """The guard in front of every route (pure ASGI): bearer key on /v1/*, body-size limit, metrics.
 
+Several keys may be configured; each is one tenant. The guard puts the caller's tenant (a digest of
+its key, "" when the service is open) into ``scope["fedbpt.tenant"]``: what the input cache is
+keyed by. Body bytes are counted each way per route (``fedbpt_request_bytes``,
+``fedbpt_response_bytes``).
+
 Order matters: the key is checked before a byte of the body is read (an unauthenticated client
 cannot make the service buffer 64 MiB), then the declared Content-Length, then the body as it
 streams in (chunked uploads declare none). Every answer, refusals included, is counted.
@@ -7,6 +12,7 @@ streams in (chunked uploads declare none). Every answer, refusals included, is c
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import time
@@ -22,6 +28,12 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+TENANT_KEY = "fedbpt.tenant"
+
+
+def tenant_of(key: bytes) -> str:
+    """A caller's tenant: a digest of its key (the key itself is never kept beside the data)."""
+    return hashlib.sha256(b"fedbpt.tenant\x00" + key).hexdigest()[:32]
 
 
 async def _answer(
@@ -44,22 +56,35 @@ async def _answer(
 
 class GuardMiddleware:
     def __init__(
-        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: ServiceMetrics
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None = None,
+        api_keys: list[str] | None = None,
+        max_body_bytes: int,
+        metrics: ServiceMetrics,
     ) -> None:
         self.app = app
-        self.api_key = api_key.encode() if api_key else None
+        keys = [*([api_key] if api_key else []), *(k for k in api_keys or [] if k)]
+        self.keys = [(k.encode(), tenant_of(k.encode())) for k in dict.fromkeys(keys)]
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
 
-    def _authorized(self, scope: Scope) -> bool:
-        assert self.api_key is not None
+    def _tenant(self, scope: Scope) -> str | None:
+        """The caller's tenant, or None when its bearer key is missing or wrong."""
         for name, value in scope.get("headers", []):
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
                 if scheme.lower() == b"bearer":
-                    # Constant-time: the comparison does not leak how much of the key matched.
-                    return hmac.compare_digest(token.strip(), self.api_key)
-        return False
+                    token = token.strip()
+                    found = None
+                    # Constant-time per key, and every key compared: the time says neither how
+                    # much of a key matched nor which key did.
+                    for key, tenant in self.keys:
+                        if hmac.compare_digest(token, key):
+                            found = tenant
+                    return found
+        return None
 
     def _declared_length(self, scope: Scope) -> int | None:
         for name, value in scope.get("headers", []):
@@ -78,20 +103,24 @@ class GuardMiddleware:
         start = time.perf_counter()
         status = [500]  # what an exception escaping the app turns into
 
+        route = self.metrics.route(path)
+
         async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
+            elif message["type"] == "http.response.body":
+                self.metrics.response_bytes.labels(route).inc(len(message.get("body", b"")))
             await send(message)
 
         try:
             await self._guarded(scope, receive, send_counted, path)
         finally:
-            route = self.metrics.route(path)
             self.metrics.requests.labels(route, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        if self.api_key is not None and path.startswith("/v1/") and not self._authorized(scope):
+        tenant = self._tenant(scope) if self.keys and path.startswith("/v1/") else ""
+        if tenant is None:
             await _answer(
                 send,
                 401,
@@ -99,6 +128,7 @@ class GuardMiddleware:
                 [(b"www-authenticate", b"Bearer")],
             )
             return
+        scope[TENANT_KEY] = tenant
         if scope.get("method") not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
@@ -128,6 +158,7 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        self.metrics.request_bytes.labels(self.metrics.route(path)).inc(len(body))
         replayed = False
 
         async def replay() -> Message:

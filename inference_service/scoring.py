@@ -88,6 +88,7 @@ class Scorer:
             backend=self.info.backend,
             dtype=self.info.dtype,
             max_rows=self.max_rows,
+            input_handles=self.settings.input_cache_bytes > 0,
         )
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:

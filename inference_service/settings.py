@@ -76,7 +76,21 @@ class ServiceSettings(BaseSettings):
         default=1, ge=1, description="vLLM: GPUs one model is split over (vLLM's own tensor parallelism)"
     )
 
+    input_cache_bytes: int = Field(
+        default=256 * MIB,
+        ge=0,
+        description="bytes of registered inputs (POST /v1/inputs) kept, over all keys; least recently "
+        "used entries go first (0: no input handles, only the stateless /v1/score)",
+    )
+    input_ttl_s: float = Field(
+        default=3600.0, gt=0, description="a registered input set unused this long is dropped"
+    )
     api_key: SecretStr | None = Field(default=None, description="bearer key for /v1/* (FEDBPT_API_KEY)")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="further bearer keys (FEDBPT_API_KEYS, a JSON list), one tenant each: registered "
+        "inputs are visible only to the key that registered them",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     tls_certfile: Path | None = Field(
@@ -99,6 +113,16 @@ class ServiceSettings(BaseSettings):
         if v is not None and not v.get_secret_value():
             return None
         return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, v: list[SecretStr]) -> list[SecretStr]:
+        return [k for k in v if k.get_secret_value()]
+
+    def bearer_keys(self) -> list[str]:
+        """Every key /v1/* accepts (none: the service is open)."""
+        keys = [self.api_key] if self.api_key is not None else []
+        return [k.get_secret_value() for k in [*keys, *self.api_keys]]
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Self:

@@ -21,6 +21,7 @@ from protos.federation import (
     TaskKind,
     UpdateAck,
 )
+from protos.inputs import HandleScoreRequest, InputsHandle, InputsRegistration, inputs_handle
 from protos.run_config import RunConfig
 from protos.scoring import (
     Head,
@@ -46,7 +47,10 @@ __all__ = [
     "EnrolResponse",
     "EvalReport",
     "GlobalState",
+    "HandleScoreRequest",
     "Head",
+    "InputsHandle",
+    "InputsRegistration",
     "ModelInfo",
     "ParticipantRecord",
     "ProjectionSpec",
@@ -68,4 +72,5 @@ __all__ = [
     "TokenizeResponse",
     "UpdateAck",
     "decode_array",
+    "inputs_handle",
 ]

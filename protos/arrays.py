@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-DType = Literal["float32", "float16", "float64", "int32", "int64"]
+DType = Literal["float32", "float16", "float64", "int32", "int64", "uint16"]
 
 # numpy type strings, explicitly little-endian so big-endian hosts encode the same bytes.
 _NUMPY_DTYPES: dict[str, str] = {
@@ -23,6 +23,7 @@ _NUMPY_DTYPES: dict[str, str] = {
     "float64": "<f8",
     "int32": "<i4",
     "int64": "<i8",
+    "uint16": "<u2",  # token ids of vocabularies up to 65,536 (half of int32 on the wire)
 }
 _FLOAT_DTYPES = frozenset({"float32", "float16", "float64"})
 

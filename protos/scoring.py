@@ -38,6 +38,10 @@ class ModelInfo(Strict):
     backend: str = "transformers"
     dtype: str = "float32"
     max_rows: int = Field(default=0, description="largest P*B one /v1/score call may ask for")
+    input_handles: bool = Field(
+        default=False,
+        description="the service keeps registered inputs: POST /v1/inputs, POST /v1/score/handle",
+    )
 
 
 class TokenizeRequest(Strict):
@@ -139,26 +143,7 @@ class ScoreRequest(Strict):
             raise ValueError("give exactly one of input_ids or texts")
         if self.input_ids is not None and any(len(ids) == 0 for ids in self.input_ids):
             raise ValueError("input_ids holds an empty sequence")
-        if self.z is not None and self.prompt_embeds is not None:
-            raise ValueError("give z (with projection) or prompt_embeds, not both")
-        if (self.z is None) != (self.projection is None):
-            raise ValueError("z and projection go together: give both or neither")
-        if self.z is not None and self.projection is not None:
-            if self.z.dtype not in ("float32", "float64"):
-                raise ValueError(f"z must be float32 or float64, not {self.z.dtype}")
-            if len(self.z.shape) != 2 or self.z.shape[0] < 1:
-                raise ValueError(f"z must have shape [P, d] with P >= 1; got {self.z.shape}")
-            if self.z.shape[1] != self.projection.intrinsic_dim:
-                raise ValueError(
-                    f"z has d={self.z.shape[1]} but projection.intrinsic_dim is "
-                    f"{self.projection.intrinsic_dim}"
-                )
-        if self.prompt_embeds is not None:
-            if self.prompt_embeds.dtype not in ("float32", "float16"):
-                raise ValueError(f"prompt_embeds must be float32 or float16, not {self.prompt_embeds.dtype}")
-            shape = self.prompt_embeds.shape
-            if len(shape) != 3 or shape[0] < 1 or shape[1] < 1:
-                raise ValueError(f"prompt_embeds must have shape [P, L, hidden]; got {shape}")
+        check_prompt(self.projection, self.z, self.prompt_embeds)
         return self
 
     @property
@@ -174,6 +159,30 @@ class ScoreRequest(Strict):
         if self.input_ids is not None:
             return len(self.input_ids)
         return len(self.texts or [])
+
+
+def check_prompt(projection: ProjectionSpec | None, z: Array | None, prompt_embeds: Array | None) -> None:
+    """The prompt part of a score request: ``projection`` + ``z`` [P, d], ``prompt_embeds``
+    [P, L, hidden], or neither. Raises ValueError saying what is wrong."""
+    if z is not None and prompt_embeds is not None:
+        raise ValueError("give z (with projection) or prompt_embeds, not both")
+    if (z is None) != (projection is None):
+        raise ValueError("z and projection go together: give both or neither")
+    if z is not None and projection is not None:
+        if z.dtype not in ("float32", "float64"):
+            raise ValueError(f"z must be float32 or float64, not {z.dtype}")
+        if len(z.shape) != 2 or z.shape[0] < 1:
+            raise ValueError(f"z must have shape [P, d] with P >= 1; got {z.shape}")
+        if z.shape[1] != projection.intrinsic_dim:
+            raise ValueError(
+                f"z has d={z.shape[1]} but projection.intrinsic_dim is {projection.intrinsic_dim}"
+            )
+    if prompt_embeds is not None:
+        if prompt_embeds.dtype not in ("float32", "float16"):
+            raise ValueError(f"prompt_embeds must be float32 or float16, not {prompt_embeds.dtype}")
+        shape = prompt_embeds.shape
+        if len(shape) != 3 or shape[0] < 1 or shape[1] < 1:
+            raise ValueError(f"prompt_embeds must have shape [P, L, hidden]; got {shape}")
 
 
 class ScoreStats(Strict):
