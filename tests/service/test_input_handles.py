@@ -119,8 +119,8 @@ def test_eviction_and_expiry_answer_404_and_registering_again_works(zoo: Zoo) ->
     """A cache that holds one input set: registering B evicts A, A's handle is then a 404 that
     says to register again, and after registering A again its logits are the first ones exactly.
     An entry unused for ``input_ttl_s`` is a 404 too.
-    Break seen to fail: ``InputStore.put`` not evicting (``while False and ...``): the byte
-    bound check below the loop then keeps A and the test's 404 never comes."""
+    Break seen to fail: ``InputStore.put`` not evicting (``while False and ...``): A stays, two
+    entries are held (over the bound) and A's handle still scores."""
     with _client(zoo, "bert", input_cache_bytes=1000, input_ttl_s=100) as client:
         store = client.app.state.service.inputs  # type: ignore[attr-defined]
         ids = _ids(client, TEXTS)
@@ -282,7 +282,9 @@ def test_bad_input_is_a_clear_4xx_and_changes_nothing(zoo: Zoo) -> None:
 
 def test_the_service_counts_body_bytes_per_route(bert: TestClient) -> None:
     """``fedbpt_request_bytes`` / ``fedbpt_response_bytes`` add up the bodies of each route: a
-    handle call's request is its prompt part only, far smaller than the stateless body."""
+    handle call's request is its prompt part only, far smaller than the stateless body.
+    Break seen to fail: the guard not counting response bodies (``send_counted`` without the
+    ``http.response.body`` branch)."""
 
     def counted(kind: str, route: str) -> float:
         prefix = f'fedbpt_{kind}_bytes_total{{route="{route}"}}'
