@@ -93,6 +93,12 @@ class InputsRegistration(Strict):
             lengths=Array.from_numpy(lengths, "int32"),
         )
 
+    def input_ids(self) -> list[list[int]]:
+        """The B inputs as token id lists again."""
+        flat = self.ids.numpy().tolist()
+        bounds = np.concatenate([[0], np.cumsum(self.lengths.numpy(), dtype=np.int64)]).tolist()
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
     @property
     def handle(self) -> str:
         return inputs_handle(self.ids.numpy(), self.lengths.numpy())

@@ -26,7 +26,7 @@ from fed_clients.model_api import ModelService
 from fed_clients.perturb import Perturber
 from fed_clients.transport import JsonService, RetryPolicy, ServiceUnavailable
 from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port, running
-from protos import PromptResponse, RunConfig, ScoreRequest
+from protos import HandleScoreRequest, InputsRegistration, PromptResponse, RunConfig
 from tests.clients.conftest import SST2_SAMPLE, Relay, write_jsonl
 
 ADMIN = "integration-admin-token"
@@ -331,19 +331,23 @@ def test_scope_all_sends_the_template_perturbation_with_every_perturbed_score(
         site = SiteClient(CoordinatorService(coordinator), ModelService(model), data, poll_wait_s=0)
         assert site.run() is None
         vocab_size = site.model.info().vocab_size
-    scores = [ScoreRequest.model_validate_json(body) for body in network.bodies("POST", "/v1/score")]
+    # The client scores against registered inputs: each call's ids are those of its handle.
+    registered = [InputsRegistration.model_validate_json(b) for b in network.bodies("POST", "/v1/inputs")]
+    ids_of = {r.handle: r.input_ids() for r in registered}
+    scores = [HandleScoreRequest.model_validate_json(b) for b in network.bodies("POST", "/v1/score/handle")]
     assert len(scores) == 2 * config.local_iters + 2
+    assert len(registered) == 2  # the clean and the round's perturbed copy, once each
     clean = [r for r in scores if r.perturb_template is None]
     perturbed = [r for r in scores if r.perturb_template is not None]
     assert len(clean) == len(perturbed) == config.local_iters + 1
-    ids = clean[0].input_ids
-    assert ids is not None and all(r.input_ids == ids for r in clean)
+    ids = ids_of[clean[0].handle]
+    assert all(r.handle == clean[0].handle for r in clean)
     # What the round's copy is (scope all: replacements from the whole vocabulary, no specials kept).
     expected = Perturber(vocab_size, (), config.perturb_rate, "all").copy(ids, config.seed, 0, "org-all")
     assert expected.template is not None and expected.template.rate == 0.5
     for request in perturbed:
         assert request.perturb_template == expected.template
-        assert request.input_ids == expected.input_ids != ids
+        assert ids_of[request.handle] == expected.input_ids != ids
 
 
 def _federate(model_url: str, coordinator_url: str, tmp_path: Path, test_rows: list[tuple[str, int]]) -> str:

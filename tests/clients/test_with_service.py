@@ -85,7 +85,9 @@ def test_local_round_makes_one_call_per_generation_and_scoring(
     before = model.traffic.copy()
     result = train_locally(score, _state(), split.input_ids, split.labels, 5, 3, 1234, perturbed=perturbed)
     used = model.traffic.since(before)
-    assert used.calls - used.registrations == 3 * 2 + 2  # clean + perturbed per generation, then the final mean twice
+    assert (
+        used.calls - used.registrations == 3 * 2 + 2
+    )  # clean + perturbed per generation, then the final mean twice
     assert len(result.sigmas) == 3 and result.sigmas[0] == 1.0
     assert result.mu == 2
     assert np.abs(result.mean).max() > 0  # the mean moved
