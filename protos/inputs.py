@@ -13,6 +13,7 @@ under one key is unknown (404) to every other key.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -97,7 +98,7 @@ class InputsRegistration(Strict):
         """The B inputs as token id lists again."""
         flat = self.ids.numpy().tolist()
         bounds = np.concatenate([[0], np.cumsum(self.lengths.numpy(), dtype=np.int64)]).tolist()
-        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [flat[a:b] for a, b in itertools.pairwise(bounds)]
 
     @property
     def handle(self) -> str:
