@@ -99,6 +99,7 @@ ModelInfoFields = (
     "backend",
     "dtype",
     "max_rows",
+    "input_handles",  # the lean link (POST /v1/inputs, /v1/score/handle): additive
 )
 
 
