@@ -26,7 +26,8 @@ def run(data: str, out: Path, handles: bool, args: argparse.Namespace) -> dict[s
         sys.executable, "-c", "from fedbpt_cli.main import app; app()", "simulate",
         "--task", args.task, "--data", data, "--out", str(out), "--clients", str(args.clients),
         "--rounds", str(args.rounds), "--k-shot", str(args.k_shot), "--max-input-tokens", "64",
-        "--eval-every", "0", "--test-limit", str(args.test_limit), "--seed", "1",
+        "--eval-every", str(args.eval_every), "--test-limit", str(args.test_limit), "--seed", "1",
+        "--intrinsic-dim", str(args.intrinsic_dim), "--prompt-length", str(args.prompt_length),
     ]  # fmt: skip
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
     report = json.loads((out / "report.json").read_text())
@@ -48,11 +49,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-lean"))
     parser.add_argument("--task", default="ag_news")
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument(
         "--k-shot", type=int, default=8, help="per class, whole federation (8 x 4 / 2 = 16 a site)"
     )
-    parser.add_argument("--test-limit", type=int, default=50)
+    parser.add_argument(
+        "--test-limit", type=int, default=400, help="test sentences, whole federation (200 a site)"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=2, help="rounds between test evaluations (0: none)"
+    )
+    parser.add_argument("--intrinsic-dim", type=int, default=100, help="d (the grid's 100)")
+    parser.add_argument("--prompt-length", type=int, default=5, help="L (the grid's 5)")
     args = parser.parse_args()
     before = run(args.data, args.out / "stateless", False, args)
     after = run(args.data, args.out / "handles", True, args)

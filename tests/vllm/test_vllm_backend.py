@@ -119,6 +119,7 @@ def _service_pid(url: str) -> int:
     raise AssertionError(f"no process listens on {port}")
 
 
+@pytest.mark.timeout(120)  # a hang guard, not a speed claim: vLLM's monitor thread flags the death
 def test_a_dead_engine_fails_readyz_and_answers_503(vllm_url: str) -> None:
     service = psutil.Process(_service_pid(vllm_url))
     engines = [
@@ -127,9 +128,10 @@ def test_a_dead_engine_fails_readyz_and_answers_503(vllm_url: str) -> None:
     assert engines, [(p.name(), p.cmdline()) for p in service.children(recursive=True)]
     for p in engines:
         p.kill()
-    deadline = time.monotonic() + 60
+    psutil.wait_procs(engines)
+    # No deadline here (speed is a benchmark's business): the test's timeout fails a service
+    # that never notices the death.
     while httpx.get(f"{vllm_url}/readyz", timeout=30).status_code == 200:
-        assert time.monotonic() < deadline, "/readyz still says ready after the engine died"
         time.sleep(0.5)
     ready = httpx.get(f"{vllm_url}/readyz", timeout=30)
     assert ready.status_code == 503 and "engine" in ready.json()["detail"]
