@@ -24,6 +24,7 @@ import numpy as np
 from fed_clients.transport import FatalServiceError, JsonService, Traffic
 from protos import (
     Array,
+    HandlePart,
     HandleScoreRequest,
     InputsHandle,
     InputsRegistration,
@@ -39,6 +40,9 @@ from protos import (
 from protos.inputs import flatten_inputs, ids_dtype, inputs_handle
 
 log = logging.getLogger(__name__)
+
+# One part of a multi-part score: (inputs' token ids, template perturbation or None).
+Part = tuple[Sequence[Sequence[int]], TemplatePerturbation | None]
 
 TOKENIZE_CHUNK = 2048
 KNOWN_HANDLES = 256  # handles remembered as registered (a round's sets: train, perturbed, val, test)
@@ -140,16 +144,48 @@ class ModelService:
                 )
                 rows = [list(ids) for ids in input_ids[bs]]
                 response = self._score_call(task, rows, z_part, projection, template)
-                logits = response.logits.numpy()
                 expected = (p_count, bs.stop - bs.start, len(task.labels))
-                if tuple(logits.shape) != expected:
-                    raise FatalServiceError(
-                        self.http.name, f"score returned logits of shape {logits.shape}, expected {expected}"
-                    )
-                self.http.traffic.rows += response.rows
-                row_blocks.append(np.asarray(logits, dtype=np.float64))
+                row_blocks.append(self._checked(response, expected))
             blocks.append(np.concatenate(row_blocks, axis=1))
         return np.concatenate(blocks, axis=0)
+
+    def score_parts(
+        self,
+        task: TaskSpec,
+        parts: Sequence[Part],
+        z: np.ndarray | None = None,
+        projection: ProjectionSpec | None = None,
+    ) -> list[np.ndarray]:
+        """Logits [P, B_i, C] of the same P prompts on each part (inputs, template perturbation).
+
+        Where the service keeps inputs and every part fits one call, the parts go in ONE handle
+        call (the prompts travel once: a FedBPT generation's clean and perturbed scoring); else
+        each part is scored as :meth:`score` scores it. Same logits either way.
+        """
+        num_prompts = 1 if z is None else int(z.shape[0])
+        max_rows = self.info().max_rows or 10**12
+        fits = all(
+            num_prompts * len(ids) <= max_rows and sum(map(len, ids)) <= self.max_ids_per_call
+            for ids, _ in parts
+        )
+        if len(parts) > 1 and fits and self.uses_handles():
+            z_part = None if z is None else Array.from_numpy(np.asarray(z, dtype=np.float32))
+            rows = [([list(x) for x in ids], template) for ids, template in parts]
+            answer = self._handle_call(task, rows, z_part, projection)
+            if answer is not None:
+                widths = [len(ids) for ids, _ in parts]
+                logits = self._checked(answer, (num_prompts, sum(widths), len(task.labels)))
+                return np.split(logits, np.cumsum(widths)[:-1], axis=1)
+        return [self.score(task, ids, z, projection, template) for ids, template in parts]
+
+    def _checked(self, answer: ScoreResponse, expected: tuple[int, int, int]) -> np.ndarray:
+        logits = answer.logits.numpy()
+        if tuple(logits.shape) != expected:
+            raise FatalServiceError(
+                self.http.name, f"score returned logits of shape {logits.shape}, expected {expected}"
+            )
+        self.http.traffic.rows += answer.rows
+        return np.asarray(logits, dtype=np.float64)
 
     def _score_call(
         self,
@@ -160,28 +196,47 @@ class ModelService:
         template: TemplatePerturbation | None,
     ) -> ScoreResponse:
         """One score call: against the handle of ``rows`` where the service keeps inputs, else
-        stateless. A 404 on the handle registers the inputs again and repeats the call once."""
-        handle = self._handle_for(rows) if self.uses_handles() else None
+        stateless."""
+        if self.uses_handles():
+            answer = self._handle_call(task, [(rows, template)], z, projection)
+            if answer is not None:
+                return answer
+        request = ScoreRequest(
+            projection=projection, z=z, task=task, input_ids=rows, perturb_template=template
+        )
+        return self.http.post("/v1/score", request, ScoreResponse)
+
+    def _handle_call(
+        self,
+        task: TaskSpec,
+        parts: list[tuple[list[list[int]], TemplatePerturbation | None]],
+        z: Array | None,
+        projection: ProjectionSpec | None,
+    ) -> ScoreResponse | None:
+        """One ``/v1/score/handle`` call over ``parts``, registering the inputs this client has not
+        registered yet. A 404 (evicted, expired, restarted) registers them again and repeats the
+        call once. None where the service will not keep these inputs: score them stateless."""
         for attempt in (0, 1):
-            if handle is None:
-                request = ScoreRequest(
-                    projection=projection, z=z, task=task, input_ids=rows, perturb_template=template
-                )
-                return self.http.post("/v1/score", request, ScoreResponse)
-            by_handle = HandleScoreRequest(
-                projection=projection, z=z, task=task, handle=handle, perturb_template=template
+            found = [self._handle_for(rows) for rows, _ in parts]
+            handles = [h for h in found if h is not None]
+            if len(handles) < len(parts):
+                return None
+            body = HandleScoreRequest(
+                projection=projection,
+                z=z,
+                task=task,
+                parts=[
+                    HandlePart(handle=h, perturb_template=t) for h, (_, t) in zip(handles, parts, strict=True)
+                ],
             )
             try:
-                return self.http.post("/v1/score/handle", by_handle, ScoreResponse)
+                return self.http.post("/v1/score/handle", body, ScoreResponse)
             except FatalServiceError as exc:
                 if exc.status != 404 or attempt == 1:
                     raise
-                log.info(
-                    "input handle %s.. unknown to the service (evicted or expired); registering again",
-                    handle[:12],
-                )
-                self._registered.pop(handle, None)
-                handle = self._handle_for(rows) if self.uses_handles() else None
+                log.info("input handles unknown to the service (evicted or expired); registering again")
+                for h in handles:
+                    self._registered.pop(h, None)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _handle_for(self, rows: list[list[int]]) -> str | None:

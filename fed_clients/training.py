@@ -1,11 +1,12 @@
 """One round of local training (ALGORITHM.md, client steps 1-4).
 
 Each generation: record sigma, ask lambda candidates, score all of them on the whole local training
-set in ONE /v1/score call (plus one on the round's perturbed copy when perturbation is on), fitness
-= loss(clean) / loss(perturbed) (or loss(clean)), tell. Exactly ``local_iters`` generations are
+set and, when perturbation is on, on the round's perturbed copy (both in ONE call where the service
+keeps inputs: the candidates travel once), fitness = loss(clean) / loss(perturbed) (or
+loss(clean)), tell. Exactly ``local_iters`` generations are
 run (pycma's other stopping rules, which the reference's ``while not stop()`` could also hit, are
 not applied, so every client reports the same number of sigmas). Then the final mean is scored
-clean and perturbed (2 more calls) for its fitness and the train loss (the run's loss) and
+clean and perturbed (one more call) for its fitness and the train loss (the run's loss) and
 accuracy.
 """
 
@@ -19,14 +20,14 @@ import numpy as np
 
 from fed_clients.local_es import build_local_es, local_mu
 from fed_clients.losses import accuracy, fitness, loss_function
-from fed_clients.model_api import ModelService
+from fed_clients.model_api import ModelService, Part
 from fed_clients.perturb import PerturbedCopy
-from protos import GlobalState, ProjectionSpec, TaskSpec, TemplatePerturbation
+from protos import GlobalState, ProjectionSpec, TaskSpec
 
 log = logging.getLogger(__name__)
 
-# (z [P, d], input ids, template perturbation or None) -> logits [P, B, C]
-ScoreFn = Callable[[np.ndarray, Sequence[Sequence[int]], TemplatePerturbation | None], np.ndarray]
+# (z [P, d], parts [(input ids, template perturbation or None)]) -> logits [P, B_i, C] per part
+ScoreFn = Callable[[np.ndarray, Sequence[Part]], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,8 @@ class LocalResult:
 def make_score_fn(model: ModelService, spec: TaskSpec, projection: ProjectionSpec) -> ScoreFn:
     """Bind the model service to one task and projection."""
 
-    def score(
-        z: np.ndarray, ids: Sequence[Sequence[int]], template: TemplatePerturbation | None
-    ) -> np.ndarray:
-        return model.score(spec, ids, z=z, projection=projection, perturb_template=template)
+    def score(z: np.ndarray, parts: Sequence[Part]) -> list[np.ndarray]:
+        return model.score_parts(spec, parts, z=z, projection=projection)
 
     return score
 
@@ -66,12 +65,11 @@ def train_locally(
 
     def objective(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(fitness [P], clean logits [P, B, C])."""
-        clean_logits = score(z, input_ids, None)
-        clean = loss_of(clean_logits, labels)
         if perturbed is None:
-            return fitness(clean, None), clean_logits
-        pert = loss_of(score(z, perturbed.input_ids, perturbed.template), labels)
-        return fitness(clean, pert), clean_logits
+            (clean_logits,) = score(z, [(input_ids, None)])
+            return fitness(loss_of(clean_logits, labels), None), clean_logits
+        clean_logits, pert_logits = score(z, [(input_ids, None), (perturbed.input_ids, perturbed.template)])
+        return fitness(loss_of(clean_logits, labels), loss_of(pert_logits, labels)), clean_logits
 
     es = build_local_es(state, popsize, iters, seed)
     sigmas: list[float] = []

@@ -28,6 +28,7 @@ from inference_service.middleware import TENANT_KEY, GuardMiddleware
 from inference_service.scheduler import Scheduler
 from inference_service.scoring import Scorer
 from inference_service.settings import ServiceSettings
+from protos.arrays import Array
 from protos.inputs import HandleScoreRequest, InputsHandle, InputsRegistration
 from protos.scoring import ModelInfo, ScoreRequest, ScoreResponse, TokenizeRequest, TokenizeResponse
 
@@ -178,24 +179,29 @@ def create_app(settings: ServiceSettings | None = None, backend: Backend | None 
         ids = await run_in_threadpool(scorer.tokenize, request.texts)
         return Response(TokenizeResponse(input_ids=ids).model_dump_json(), media_type="application/json")
 
-    async def _score(request: ScoreRequest) -> Response:
+    async def _scored(request: ScoreRequest) -> ScoreResponse:
         scorer = state.ready_scorer()
         try:
             # Requests queued together (several clients) may share forward passes.
-            result = await state.scheduler.submit_merged(request, scorer.score_many, key="score")
+            result: ScoreResponse = await state.scheduler.submit_merged(
+                request, scorer.score_many, key="score"
+            )
         except torch.OutOfMemoryError as exc:
             raise Unavailable(
                 f"out of memory scoring {request.num_prompts * request.num_inputs} rows; "
                 "retry with fewer rows (or lower FEDBPT_MAX_BATCH_TOKENS)"
             ) from exc
         state.metrics.rows_scored.inc(result.rows)
+        return result
+
+    def _answer(result: ScoreResponse) -> Response:
         state.metrics.score_requests.inc()
         # Built here, not re-validated by FastAPI: the logits array is encoded once.
         return Response(result.model_dump_json(), media_type="application/json")
 
     @app.post("/v1/score", response_model=ScoreResponse)
     async def score(request: ScoreRequest) -> Response:
-        return await _score(request)
+        return _answer(await _scored(request))
 
     def _handles_on() -> None:
         if settings.input_cache_bytes <= 0:
@@ -232,25 +238,45 @@ def create_app(settings: ServiceSettings | None = None, backend: Backend | None 
     async def score_handle(body: HandleScoreRequest, request: Request) -> Response:
         _handles_on()
         state.ready_scorer()
-        entry = state.inputs.get(request.scope.get(TENANT_KEY, ""), body.handle)
-        if entry is None:
-            # The same answer for never registered, evicted, expired and another key's handle.
-            raise ServiceError(
-                f"unknown input handle {body.handle}: register the inputs again (POST /v1/inputs)", 404
+        tenant = request.scope.get(TENANT_KEY, "")
+        entries = [state.inputs.get(tenant, part.handle) for part in body.parts]
+        for part, entry in zip(body.parts, entries, strict=True):
+            if entry is None:
+                # The same answer for never registered, evicted, expired and another key's handle.
+                raise ServiceError(
+                    f"unknown input handle {part.handle}: register the inputs again (POST /v1/inputs)", 404
+                )
+        # Checked already (the handle schema's prompt checks, the ids at registration). One part
+        # after the other, each as its own /v1/score call would go: the same batches, so the same
+        # logits as the stateless route (other callers' requests may still share the passes).
+        results = []
+        for part, entry in zip(body.parts, entries, strict=True):
+            assert entry is not None
+            scored = ScoreRequest.model_construct(
+                projection=body.projection,
+                z=body.z,
+                prompt_embeds=body.prompt_embeds,
+                task=body.task,
+                input_ids=entry.rows(),
+                texts=None,
+                perturb_template=part.perturb_template,
             )
-        # Checked already (the handle schema's prompt checks, the ids at registration).
-        scored = ScoreRequest.model_construct(
-            projection=body.projection,
-            z=body.z,
-            prompt_embeds=body.prompt_embeds,
-            task=body.task,
-            input_ids=entry.rows(),
-            texts=None,
-            perturb_template=body.perturb_template,
-        )
-        return await _score(scored)
+            results.append(await _scored(scored))
+        return _answer(joined_parts(results))
 
     return app
+
+
+def joined_parts(results: list[ScoreResponse]) -> ScoreResponse:
+    """One answer for the parts of a handle call: logits side by side along B, rows added up.
+    Stats only for a single part (parts scored in a shared forward pass would count it twice)."""
+    if len(results) == 1:
+        return results[0]
+    logits = np.concatenate([r.logits.numpy() for r in results], axis=1)
+    return ScoreResponse(
+        logits=Array.from_numpy(logits, results[0].logits.dtype),
+        rows=sum(r.rows for r in results),
+    )
 
 
 def app_from_env() -> FastAPI:

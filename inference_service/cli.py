@@ -29,6 +29,10 @@ def serve_model(
         None, help="vLLM: GPUs to split the model over (default 1)"
     ),
     threads: int | None = typer.Option(None, help="torch CPU threads"),
+    input_cache_bytes: int | None = typer.Option(
+        None, help="bytes of registered inputs kept for /v1/score/handle (0: the lean link off)"
+    ),
+    input_ttl_s: float | None = typer.Option(None, help="seconds an unused registered input set is kept"),
     log_level: str | None = typer.Option(None, help="uvicorn log level"),
     tls_cert: Path | None = typer.Option(None, help="serve HTTPS: PEM certificate (with --tls-key)"),
     tls_key: Path | None = typer.Option(None, help="serve HTTPS: PEM private key"),
@@ -52,6 +56,8 @@ def serve_model(
         "gpu_memory_utilization": gpu_memory_utilization,
         "tensor_parallel_size": tensor_parallel_size,
         "threads": threads,
+        "input_cache_bytes": input_cache_bytes,
+        "input_ttl_s": input_ttl_s,
         "log_level": log_level,
         "tls_certfile": tls_cert,
         "tls_keyfile": tls_key,

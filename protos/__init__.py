@@ -21,7 +21,7 @@ from protos.federation import (
     TaskKind,
     UpdateAck,
 )
-from protos.inputs import HandleScoreRequest, InputsHandle, InputsRegistration, inputs_handle
+from protos.inputs import HandlePart, HandleScoreRequest, InputsHandle, InputsRegistration, inputs_handle
 from protos.run_config import RunConfig
 from protos.scoring import (
     Head,
@@ -47,6 +47,7 @@ __all__ = [
     "EnrolResponse",
     "EvalReport",
     "GlobalState",
+    "HandlePart",
     "HandleScoreRequest",
     "Head",
     "InputsHandle",

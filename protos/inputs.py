@@ -115,20 +115,32 @@ class InputsHandle(Strict):
     ttl_s: float = Field(description="an entry unused this long is dropped (then: 404, register again)")
 
 
-class HandleScoreRequest(Strict):
-    """``POST /v1/score/handle``: a ``ScoreRequest`` whose inputs are a registered handle.
+MAX_PARTS = 8
 
-    Same prompt fields, task and template perturbation as ``/v1/score``, same answer
-    (``ScoreResponse``). A handle this caller has not registered (never, under another API key, or
-    evicted/expired) is a 404: register the inputs again and repeat the call.
+
+class HandlePart(Strict):
+    """One registered input set of a handle call, scored as it is or with a template perturbation."""
+
+    handle: str = Field(pattern=HANDLE_PATTERN)
+    perturb_template: TemplatePerturbation | None = None
+
+
+class HandleScoreRequest(Strict):
+    """``POST /v1/score/handle``: a ``ScoreRequest`` whose inputs are registered handles.
+
+    Same prompt fields and task as ``/v1/score``, same answer (``ScoreResponse``): the logits of
+    every part, one after the other along B ([P, B_1 + .. + B_k, C]), for the same P prompts. A
+    FedBPT generation scores its candidates on the clean and the perturbed copy of its inputs: as
+    two parts of one call, the candidates travel once. Each part is one ``/v1/score`` call as far
+    as ``max_rows`` goes (P x B_i). A handle this caller has not registered (never, under another
+    API key, or evicted/expired) is a 404: register the inputs again and repeat the call.
     """
 
     projection: ProjectionSpec | None = None
     z: Array | None = None
     prompt_embeds: Array | None = None
     task: TaskSpec
-    handle: str = Field(pattern=HANDLE_PATTERN)
-    perturb_template: TemplatePerturbation | None = None
+    parts: list[HandlePart] = Field(min_length=1, max_length=MAX_PARTS)
 
     @model_validator(mode="after")
     def _check_prompt(self) -> HandleScoreRequest:

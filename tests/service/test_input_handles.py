@@ -81,7 +81,9 @@ def _logits(response: Any) -> np.ndarray:
 
 
 def _score(client: TestClient, handle: str, auth: dict[str, str] = AUTH_A, **extra: Any) -> Any:
-    return client.post("/v1/score/handle", json={**_prompt(**extra), "handle": handle}, headers=auth)
+    return client.post(
+        "/v1/score/handle", json={**_prompt(**extra), "parts": [{"handle": handle}]}, headers=auth
+    )
 
 
 def _stateless(client: TestClient, ids: list[list[int]], **extra: Any) -> np.ndarray:
@@ -99,20 +101,30 @@ def test_handle_logits_equal_stateless_logits(zoo: Zoo, name: str) -> None:
         ids = _ids(client, TEXTS)
         handle = _register(client, ids)
         assert handle == inputs_handle(*flatten_inputs(ids))  # content-addressed: the client knows it
-        by_handle = _logits(client.post("/v1/score/handle", json={**_prompt(name), "handle": handle}))
+        by_handle = _logits(
+            client.post("/v1/score/handle", json={**_prompt(name), "parts": [{"handle": handle}]})
+        )
         stateless = _stateless(client, ids, name=name)
         assert by_handle.shape == (4, len(TEXTS), 2)
         np.testing.assert_array_equal(by_handle, stateless)
         template = {"rate": 0.5, "seed": 7}
         perturbed = client.post(
-            "/v1/score/handle", json={**_prompt(name), "handle": handle, "perturb_template": template}
+            "/v1/score/handle",
+            json={**_prompt(name), "parts": [{"handle": handle, "perturb_template": template}]},
         )
         np.testing.assert_array_equal(
             _logits(perturbed), _stateless(client, ids, name=name, perturb_template=template)
         )
         subset = _register(client, ids[2:5])
-        part = _logits(client.post("/v1/score/handle", json={**_prompt(name), "handle": subset}))
+        part = _logits(client.post("/v1/score/handle", json={**_prompt(name), "parts": [{"handle": subset}]}))
         np.testing.assert_allclose(part, stateless[:, 2:5], **SAME_ROW)
+        # Several parts in one call: each part's logits as its own call, side by side along B.
+        parts = [{"handle": handle}, {"handle": handle, "perturb_template": template}, {"handle": subset}]
+        joined = client.post("/v1/score/handle", json={**_prompt(name), "parts": parts})
+        assert joined.json()["rows"] == 4 * (2 * len(TEXTS) + 3)
+        np.testing.assert_array_equal(
+            _logits(joined), np.concatenate([by_handle, _logits(perturbed), part], axis=1)
+        )
 
 
 def test_eviction_and_expiry_answer_404_and_registering_again_works(zoo: Zoo) -> None:
@@ -126,19 +138,23 @@ def test_eviction_and_expiry_answer_404_and_registering_again_works(zoo: Zoo) ->
         ids = _ids(client, TEXTS)
         a, b = ids[:3], ids[3:]
         handle_a = _register(client, a)
-        first = _logits(client.post("/v1/score/handle", json={**_prompt(), "handle": handle_a}))
+        first = _logits(client.post("/v1/score/handle", json={**_prompt(), "parts": [{"handle": handle_a}]}))
         handle_b = _register(client, b)
         assert len(store) == 1 and store.bytes <= 1000
-        gone = client.post("/v1/score/handle", json={**_prompt(), "handle": handle_a})
+        gone = client.post("/v1/score/handle", json={**_prompt(), "parts": [{"handle": handle_a}]})
         assert gone.status_code == 404 and "register the inputs again" in gone.json()["detail"]
         assert _register(client, a) == handle_a
         np.testing.assert_array_equal(
-            _logits(client.post("/v1/score/handle", json={**_prompt(), "handle": handle_a})), first
+            _logits(client.post("/v1/score/handle", json={**_prompt(), "parts": [{"handle": handle_a}]})),
+            first,
         )
         # Expiry: a clock past the TTL drops the idle entry.
         now = store.clock()
         store.clock = lambda: now + 101
-        assert client.post("/v1/score/handle", json={**_prompt(), "handle": handle_a}).status_code == 404
+        assert (
+            client.post("/v1/score/handle", json={**_prompt(), "parts": [{"handle": handle_a}]}).status_code
+            == 404
+        )
         assert len(store) == 0 and store.bytes == 0
         assert handle_b != handle_a
 
@@ -257,27 +273,42 @@ def test_bad_input_is_a_clear_4xx_and_changes_nothing(zoo: Zoo) -> None:
         big = client.post("/v1/inputs", json=_registration([[5] * 2000]))
         assert big.status_code == 413 and "/v1/score" in big.json()["detail"]
         bad_calls = {
-            "a malformed handle": ({**_prompt(), "handle": "not-a-handle"}, 422),
+            "a malformed handle": ({**_prompt(), "parts": [{"handle": "not-a-handle"}]}, 422),
             "z of the wrong d": (
-                {**_prompt(), "handle": handle, "projection": {**PROJECTION, "intrinsic_dim": 8}},
+                {
+                    **_prompt(),
+                    "parts": [{"handle": handle}],
+                    "projection": {**PROJECTION, "intrinsic_dim": 8},
+                },
                 422,
             ),
-            "input_ids beside the handle": ({**_prompt(), "handle": handle, "input_ids": [[5]]}, 422),
+            "input_ids beside the handle": (
+                {**_prompt(), "parts": [{"handle": handle}], "input_ids": [[5]]},
+                422,
+            ),
             "no handle": (_prompt(), 422),
-            "an unknown handle": ({**_prompt(), "handle": "f" * 64}, 404),
+            "an unknown handle": ({**_prompt(), "parts": [{"handle": "f" * 64}]}, 404),
+            "an unknown handle beside a known one": (
+                {**_prompt(), "parts": [{"handle": handle}, {"handle": "e" * 64}]},
+                404,
+            ),
+            "no parts": ({**_prompt(), "parts": []}, 422),
+            "too many parts": ({**_prompt(), "parts": [{"handle": handle}] * 9}, 422),
         }
         for what, (body, status) in bad_calls.items():
             answer = client.post("/v1/score/handle", json=body)
             assert answer.status_code == status, (what, answer.text)
             assert (dict(store._entries), store.bytes) == state, what
         np.testing.assert_array_equal(
-            _logits(client.post("/v1/score/handle", json={**_prompt(), "handle": handle})),
+            _logits(client.post("/v1/score/handle", json={**_prompt(), "parts": [{"handle": handle}]})),
             _stateless(client, ids[:2]),
         )
     with _client(zoo, "bert", input_cache_bytes=0) as off:
         assert off.get("/v1/model").json()["input_handles"] is False
         assert off.post("/v1/inputs", json=_registration(ids)).status_code == 404
-        assert off.post("/v1/score/handle", json={**_prompt(), "handle": handle}).status_code == 404
+        assert (
+            off.post("/v1/score/handle", json={**_prompt(), "parts": [{"handle": handle}]}).status_code == 404
+        )
 
 
 def test_the_service_counts_body_bytes_per_route(bert: TestClient) -> None:
@@ -294,7 +325,7 @@ def test_the_service_counts_body_bytes_per_route(bert: TestClient) -> None:
     ids = _ids(bert, TEXTS * 20)
     handle = _register(bert, ids)
     sent_before, got_before = counted("request", "/v1/score/handle"), counted("response", "/v1/score/handle")
-    body = {**_prompt(), "handle": handle}
+    body = {**_prompt(), "parts": [{"handle": handle}]}
     answer = bert.post("/v1/score/handle", json=body, headers=AUTH_A)
     assert answer.status_code == 200
     assert counted("request", "/v1/score/handle") - sent_before == len(answer.request.content)
