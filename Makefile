@@ -118,7 +118,7 @@ experiments: setup
 
 # The paper's grid (RoBERTa-large from the hub, GPU): experiments/paper.yaml -> docs/paper-results.md.
 paper: setup
-	$(BIN)/fedbpt experiment experiments/paper.yaml --data $(DATA) --out $(OUT)/paper --records experiments/paper/results --doc docs/paper-results.md --jobs $(JOBS) --replicas $(REPLICAS)
+	FEDBPT_ALLOW_DOWNLOAD=$${FEDBPT_ALLOW_DOWNLOAD:-true} $(BIN)/fedbpt experiment experiments/paper.yaml --data $(DATA) --out $(OUT)/paper --records experiments/paper/results --doc docs/paper-results.md --jobs $(JOBS) --replicas $(REPLICAS)
 
 # How much data a federation needs: experiments/data_size.yaml; its plot lands in docs/results.md.
 data-size: setup

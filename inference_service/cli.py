@@ -29,6 +29,9 @@ def serve_model(
         None, help="vLLM: GPUs to split the model over (default 1)"
     ),
     threads: int | None = typer.Option(None, help="torch CPU threads"),
+    allow_download: bool = typer.Option(
+        False, "--allow-download", help="let a Hugging Face id download from the hub (default: offline)"
+    ),
     input_cache_bytes: int | None = typer.Option(
         None, help="bytes of registered inputs kept for /v1/score/handle (0: the lean link off)"
     ),
@@ -56,6 +59,7 @@ def serve_model(
         "gpu_memory_utilization": gpu_memory_utilization,
         "tensor_parallel_size": tensor_parallel_size,
         "threads": threads,
+        "allow_download": allow_download or None,
         "input_cache_bytes": input_cache_bytes,
         "input_ttl_s": input_ttl_s,
         "log_level": log_level,

@@ -21,6 +21,31 @@ def _hub_file(model: str, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def check_model_source(model: str, allow_download: bool) -> None:
+    """Fail at once, without the network, where ``model`` names no local folder and is neither in
+    the Hugging Face cache nor allowed to download (ValueError saying which and how to fix it)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return
+    if _looks_like_path(model):
+        raise ValueError(
+            f"no such model folder: {path.resolve()} (a local model is a folder holding config.json; "
+            "check the path)"
+        )
+    if allow_download or _hub_file(model, "config.json") is not None:
+        return
+    raise ValueError(
+        f"{model!r} is not a local folder (none at {path.resolve()}) and not in the Hugging Face cache, "
+        "and downloads are off: give a model folder, or pass --allow-download "
+        "(FEDBPT_ALLOW_DOWNLOAD=true) on a machine that reaches the hub"
+    )
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else with a separator is meant as a path."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
 def is_sentence_transformer(model: str) -> bool:
     path = Path(model)
     if path.is_dir():

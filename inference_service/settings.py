@@ -33,6 +33,11 @@ class ServiceSettings(BaseSettings):
 
     model: str = Field(default_factory=default_model_path, description="Hugging Face id or local path")
     model_id: str | None = Field(default=None, description="name reported by /v1/model (default: model)")
+    allow_download: bool = Field(
+        default=False,
+        description="let a model named by its Hugging Face id download from the hub; off: only local "
+        "folders and the local Hugging Face cache, and the hub is never contacted (HF_HUB_OFFLINE)",
+    )
     head: HeadName | None = Field(default=None, description="inferred from the model when not given")
     backend: BackendName = "transformers"
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")

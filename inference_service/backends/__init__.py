@@ -8,9 +8,10 @@ backend lives in ``inference_service/backends/vllm_backend.py`` and exposes
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
 
-from inference_service.model_files import display_id, infer_head
+from inference_service.model_files import check_model_source, display_id, infer_head
 from inference_service.settings import ServiceSettings, default_model_path
 
 if TYPE_CHECKING:
@@ -18,6 +19,11 @@ if TYPE_CHECKING:
 
 
 def load_backend(settings: ServiceSettings) -> Backend:
+    if not settings.allow_download:
+        # Before the hub client is first imported (it reads these once): no request leaves.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    check_model_source(settings.model, settings.allow_download)
     head = settings.head or infer_head(settings.model)
     try:
         default = default_model_path()
