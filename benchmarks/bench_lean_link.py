@@ -56,9 +56,7 @@ def main() -> None:
     parser.add_argument(
         "--test-limit", type=int, default=400, help="test sentences, whole federation (200 a site)"
     )
-    parser.add_argument(
-        "--eval-every", type=int, default=2, help="rounds between test evaluations (0: none)"
-    )
+    parser.add_argument("--eval-every", type=int, default=2, help="rounds between test evaluations (0: none)")
     parser.add_argument("--intrinsic-dim", type=int, default=100, help="d (the grid's 100)")
     parser.add_argument("--prompt-length", type=int, default=5, help="L (the grid's 5)")
     args = parser.parse_args()
