@@ -22,7 +22,8 @@ import torch
 
 from inference_service.backends.base import Backend, PromptMode, RowBatch
 from inference_service.errors import BadRequest
-from inference_service.projection import ProjectionCache, prompt_offsets
+from inference_service.numeric import NonFiniteLogits, check_logits, check_prompt, check_scale, check_z
+from inference_service.projection import ProjectionCache, projection_scale, prompt_offsets
 from inference_service.rows import Sequences, assemble, perturb_template, plan_chunks, plan_rows
 from inference_service.settings import ServiceSettings
 from inference_service.tasks import CompiledTask, TaskCache
@@ -152,9 +153,16 @@ class Scorer:
                     f"{spec.prompt_length} x {hidden} float32 = {nbytes} bytes; this service allows "
                     f"{self.settings.max_projection_bytes}"
                 )
+            raw_z = request.z.numpy()
+            check_z(raw_z)
+            check_scale(projection_scale(spec, self.projections.embedding_std), spec.sigma0, spec.alpha)
             a = self.projections.get(spec)
-            z = torch.from_numpy(np.array(request.z.numpy(), dtype=np.float32))
-            return prompt_offsets(z, a, spec.prompt_length, hidden), "add"
+            z = torch.from_numpy(np.array(raw_z, dtype=np.float32))
+            offsets = prompt_offsets(z, a, spec.prompt_length, hidden)
+            check_prompt(
+                offsets, "A.z (the projection times z)", "lower z or projection.alpha, or raise sigma0"
+            )
+            return offsets, "add"
         if request.prompt_embeds is not None:
             shape = request.prompt_embeds.shape
             if shape[2] != hidden:
@@ -162,12 +170,17 @@ class Scorer:
                     f"prompt_embeds has hidden size {shape[2]}; this model's hidden size is {hidden} "
                     f"(shape must be [P, L, {hidden}])"
                 )
-            embeds = np.array(request.prompt_embeds.numpy(), dtype=np.float32)
+            raw = request.prompt_embeds.numpy()
+            check_prompt(raw, "prompt_embeds", "send embeddings of the model's own scale")
+            embeds = np.array(raw, dtype=np.float32)
             return torch.from_numpy(embeds).to(self.backend.device), "replace"
         return None, "add"
 
     def run(self, prepared: PreparedScore) -> ScoreResponse:
-        return self.run_many([prepared])[0]
+        answer = self.run_many([prepared])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse | Exception]:
         """Score several requests, merging the forward passes of those that can share them; a
@@ -190,8 +203,9 @@ class Scorer:
                 answers[i] = result
         return [a if a is not None else RuntimeError("not scored") for a in answers]
 
-    def run_many(self, group: list[PreparedScore]) -> list[ScoreResponse]:
-        """Run requests of one merge key (same task and prompt layout) in shared forward passes."""
+    def run_many(self, group: list[PreparedScore]) -> list[ScoreResponse | Exception]:
+        """Run requests of one merge key (same task and prompt layout) in shared forward passes; a
+        request whose logits are not all finite gets a NonFiniteLogits (422) as its answer."""
         start = time.perf_counter()
         first = group[0]
         seqs0, task = first.seqs, first.task
@@ -232,7 +246,7 @@ class Scorer:
                 if self.on_forward is not None:
                     self.on_forward(len(batch), chunk_padded)
         seconds = time.perf_counter() - start
-        responses = []
+        responses: list[ScoreResponse | Exception] = []
         for p, out in zip(group, outs, strict=True):
             stats = ScoreStats(
                 forward_passes=len(chunks),  # shared by the group
@@ -241,6 +255,11 @@ class Scorer:
                 seconds=p.prepare_seconds + seconds,
             )
             logits_np = out.view(p.num_prompts, p.num_inputs, task.num_labels).numpy()
+            try:
+                check_logits(logits_np)
+            except NonFiniteLogits as exc:
+                responses.append(exc)
+                continue
             responses.append(
                 ScoreResponse(logits=Array.from_numpy(logits_np, "float32"), rows=p.rows, stats=stats)
             )
