@@ -104,7 +104,7 @@ demo: setup
 	$(BIN)/fedbpt simulate --preset demo $(DEMO_DATA) --out $(OUT)/demo --overwrite
 
 # Faults, bad input, access and load at full size (the slow suite too), then docs/reliability.md.
-RELIABILITY_TESTS = tests/reliability tests/coordinator/test_process.py tests/coordinator/test_auth.py tests/e2e/test_tls.py
+RELIABILITY_TESTS = tests/reliability tests/coordinator/test_process.py tests/coordinator/test_auth.py tests/e2e/test_tls.py tests/service/test_numeric.py
 reliability: setup
 	$(BIN)/python -m pytest -q $(RELIABILITY_TESTS) --junitxml=test-output/reliability.xml $(PYTEST_ARGS)
 	$(BIN)/python benchmarks/reliability_report.py --junit test-output/reliability.xml --out docs/reliability.md
