@@ -31,6 +31,9 @@ clip|reject`) keeps one site's runaway mean out of the global state. HTTPS with 
 
 **Inference service.** Everything is validated before the model sees it (shapes, hidden size, dtype,
 finite values, token ids, lengths, P x B, body size): a 4xx says what was wrong; no input gets a 5xx.
+Numbers the schema accepts obey a numeric contract (|z| <= 1e6, A's entry scale and every prompt
+entry <= 1e4: a 400 naming the field, the bound and the fix); a forward pass that still gives NaN/Inf
+logits is a 422 naming the rows, never a 5xx and never a clamped value.
 One model thread serves every client; the event loop keeps answering `/healthz` during long work;
 a full queue answers 503 with Retry-After; a dead engine (vLLM) makes `/readyz` fail. Optional bearer
 key; HTTPS with `--tls-cert/--tls-key`.
@@ -125,6 +128,19 @@ def fuzz_lines() -> list[str]:
                 f"{statuses}; no 5xx"
                 + (", and no stored change after any 4xx" if service == "coordinator" else "")
                 + "."
+            )
+            break
+    for head in ("bert", "llama", "st-bert"):
+        for cases in (600, 40):
+            f = load(f"fuzz_numeric_{head}_{cases}.json")
+            if f is None:
+                continue
+            counts = {route: sum(v.values()) for route, v in f["statuses"].items()}
+            statuses = sorted({int(s) for v in f["statuses"].values() for s in v})
+            lines.append(
+                f"- service numeric fuzzer, {head} head: {cases} valid score bodies with numbers across "
+                f"the float16/32/64 ranges ({', '.join(f'{n} to {r}' for r, n in counts.items())}); "
+                f"statuses seen {statuses}; no 5xx, finite logits in every 200."
             )
             break
     return lines
