@@ -1,4 +1,5 @@
-"""The guard in front of every route (pure ASGI): request-body size limit and request metrics.
+"""The guard in front of every route (pure ASGI): request-body size limit, JSON bodies only (415
+otherwise, saying what to send), and request metrics.
 
 The declared Content-Length is checked first, then the body as it streams in (chunked uploads
 declare none), so an oversized body is refused with 413 before it is buffered. Every answer,
@@ -21,6 +22,20 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# curl -d sends application/x-www-form-urlencoded; without this the answer would be a puzzling 422.
+NOT_JSON = (
+    "send the body as JSON with Content-Type: application/json "
+    "(curl: --json '<body>', or -H 'Content-Type: application/json' -d '<body>')"
+)
+
+
+def _is_json(scope: Scope) -> bool:
+    """Whether the request declares a JSON body (application/json or a +json type)."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return False
 
 
 async def _answer(send: Send, status: int, detail: str) -> None:
@@ -95,6 +110,9 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if body and not _is_json(scope):
+            await _answer(send, 415, NOT_JSON)
+            return
         replayed = False
 
         async def replay() -> Message:

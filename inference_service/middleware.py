@@ -1,4 +1,5 @@
-"""The guard in front of every route (pure ASGI): bearer key on /v1/*, body-size limit, metrics.
+"""The guard in front of every route (pure ASGI): bearer key on /v1/*, body-size limit, JSON bodies
+only (415 otherwise, saying what to send), metrics.
 
 Several keys may be configured; each is one tenant. The guard puts the caller's tenant (a digest of
 its key, "" when the service is open) into ``scope["fedbpt.tenant"]``: what the input cache is
@@ -28,6 +29,20 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# curl -d sends application/x-www-form-urlencoded; without this the answer would be a puzzling 422.
+NOT_JSON = (
+    "send the body as JSON with Content-Type: application/json "
+    "(curl: --json '<body>', or -H 'Content-Type: application/json' -d '<body>')"
+)
+
+
+def _is_json(scope: Scope) -> bool:
+    """Whether the request declares a JSON body (application/json or a +json type)."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return False
 TENANT_KEY = "fedbpt.tenant"
 
 
@@ -159,6 +174,9 @@ class GuardMiddleware:
                 break
         body = b"".join(chunks)
         self.metrics.request_bytes.labels(self.metrics.route(path)).inc(len(body))
+        if body and not _is_json(scope):
+            await _answer(send, 415, NOT_JSON)
+            return
         replayed = False
 
         async def replay() -> Message:

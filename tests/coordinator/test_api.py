@@ -436,6 +436,22 @@ def test_whoami_and_client_listing(coord: Coordinator) -> None:
     assert [r["run_id"] for r in coord.http.get("/v1/runs", headers=ADMIN_HEADERS).json()] == [run_a, run_b]
 
 
+def test_a_form_body_is_415_that_says_to_send_json(coord: Coordinator) -> None:
+    """``curl -d`` sends a form content type; the answer says what to send instead, and nothing is
+    stored. Break seen to fail: without the guard's content-type check the answer is a 422."""
+    before = coord.dump()
+    for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {}):
+        r = coord.http.post("/v1/runs", content=b'{"rounds": 2}', headers={**ADMIN_HEADERS, **headers})
+        assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"], r.text
+    assert coord.dump() == before
+    # JSON with a charset, and a JSON media type with a suffix, are JSON.
+    for media in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        r = coord.http.post(
+            "/v1/runs", content=b'{"rounds": 2}', headers={**ADMIN_HEADERS, "Content-Type": media}
+        )
+        assert r.status_code == 201, r.text
+
+
 def test_oversized_body_is_413(coordinator_factory: Callable[..., Coordinator]) -> None:
     coord = coordinator_factory(max_body_bytes=2048)
     run_id, (a,) = coord.new_run(1, projection={"intrinsic_dim": 500})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -292,6 +293,20 @@ def test_body_size_limit(llama_client: TestClient) -> None:
     # Unauthenticated uploads are refused before the body is read.
     assert llama_client.post("/v1/score", json=big).status_code == 401
     assert llama_client.get("/v1/model", headers=AUTH).status_code == 200
+
+
+def test_a_form_body_is_415_that_says_to_send_json(llama_client: TestClient) -> None:
+    """Break seen to fail: without the guard's content-type check the answer is a 422."""
+    body = json.dumps(_body()).encode()
+    form = {**AUTH, "content-type": "application/x-www-form-urlencoded"}
+    r = llama_client.post("/v1/score", content=body, headers=form)
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"], r.text
+    assert (
+        llama_client.post(
+            "/v1/score", content=body, headers={**AUTH, "content-type": "application/json"}
+        ).status_code
+        == 200
+    )
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
