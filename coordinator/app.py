@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from coordinator.engine import Engine
 from coordinator.errors import ApiError
@@ -87,7 +88,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     metrics = CoordinatorMetrics()
     engine = Engine(Store(settings.db), settings, hooks=metrics)
     signals = RunSignals()
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs loads Swagger UI from the package: no CDN, air-gapped sites too
         title="fedbpt coordinator",
         description="Runs, rounds and server-level CMA-ES aggregation of federated black-box prompt tuning.",
         version="0.1.0",

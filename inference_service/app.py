@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 
 from inference_service.backends.base import Backend
 from inference_service.errors import BadRequest, ServiceError, Unavailable
@@ -121,7 +122,7 @@ def create_app(settings: ServiceSettings | None = None, backend: Backend | None 
         yield
         await state.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs loads Swagger UI from the package: no CDN, air-gapped sites too
         title="fedbpt inference service",
         description="Scores soft prompts (BBT/FedBPT) on a model it never shows.",
         version="0.1.0",

@@ -43,6 +43,8 @@ def _is_json(scope: Scope) -> bool:
             media = value.split(b";", 1)[0].strip().lower()
             return media == b"application/json" or media.endswith(b"+json")
     return False
+
+
 TENANT_KEY = "fedbpt.tenant"
 
 

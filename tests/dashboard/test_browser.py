@@ -1,12 +1,15 @@
-"""The run dashboard in a real headless Chromium against a real coordinator with a finished run."""
+"""The run dashboard in a real headless Chromium against a real coordinator with a finished run, and
+both services' interactive API pages (/docs) with the network beyond the host cut off."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port, running
 from protos import PromptResponse
 from tests.dashboard.conftest import ADMIN, ROUNDS, SELECTED, VAL_LOSS, FinishedRun
 
@@ -85,3 +88,52 @@ def test_without_the_token_the_page_asks_for_it(browser: Any, finished_run: Fini
     page.click("#login button")
     page.locator(f"tr[data-run-id='{finished_run.run_id}']").wait_for(timeout=15_000)
     page.close()
+
+
+@pytest.fixture(scope="module")
+def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from inference_service.random_models import build_random_model
+
+    model = build_random_model("st-bert", tmp_path_factory.mktemp("docs-model") / "st")
+    port = free_port()
+    argv = fedbpt_command("serve-model", "--model", str(model), "--port", str(port), "--device", "cpu")
+    proc = ManagedProcess("serve-model", argv, tmp_path_factory.mktemp("docs-serve") / "serve.log")
+    url = f"http://127.0.0.1:{port}"
+    with running(proc, ready_url=f"{url}/readyz", timeout=180):
+        yield url
+
+
+def _api_page_offline(browser: Any, url: str, operations: int, test_output: Path, name: str) -> None:
+    """/docs renders every operation with every request refused that leaves 127.0.0.1 (an
+    air-gapped site). Break seen to fail: FastAPI's default /docs (Swagger UI from a CDN)."""
+    page = browser.new_page(viewport={"width": 1200, "height": 1400})
+    outside: list[str] = []
+    errors: list[str] = []
+
+    def route(r: Any) -> None:
+        if r.request.url.startswith(url):
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{url}/docs")
+    page.wait_for_selector(".opblock", timeout=20_000)
+    assert page.locator(".opblock").count() >= operations
+    assert outside == [] and errors == [], (outside, errors)
+    shots = test_output / "dashboard"
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / f"docs-{name}.png"))
+    page.close()
+
+
+def test_the_coordinator_api_page_needs_no_network(
+    browser: Any, finished_run: FinishedRun, test_output: Path
+) -> None:
+    _api_page_offline(browser, finished_run.url, 14, test_output, "coordinator")
+
+
+def test_the_service_api_page_needs_no_network(browser: Any, service_url: str, test_output: Path) -> None:
+    _api_page_offline(browser, service_url, 6, test_output, "service")
