@@ -13,7 +13,7 @@ L=5; and P=20 x B=32), it measures, median over repeats:
 The service's overhead is the round trip minus ``run``; its share of the round trip is printed.
 Nothing is asserted (figures move with the machine and whatever else runs on it).
 
-    .venv/bin/python benchmarks/bench_overhead.py [--requests 60] [--threads 2]
+    .venv/bin/python benchmarks/bench_overhead.py [--requests 60] [--threads 1]
 """
 
 from __future__ import annotations
@@ -110,7 +110,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=60, help="repeats per measurement")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: no oversubscription when other work runs)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-overhead")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +138,8 @@ def main() -> None:
             overhead = http_ms - parts["run"]
             print(
                 f"{name:<8} {label:<28} {parts['parse']:>7.2f} {parts['prepare']:>8.2f} {parts['run']:>8.2f} "
-                f"{parts['encode']:>7.3f} {http_ms:>8.2f} {overhead:>6.2f} ({overhead / http_ms:.0%})"
+                f"{parts['encode']:>7.3f} {http_ms:>8.2f} {overhead:>6.2f} ({overhead / http_ms:.0%})",
+                flush=True,
             )
 
 
