@@ -26,22 +26,34 @@ SMALL = [
 ]  # fmt: skip
 
 
-def test_simulate_two_clients_two_rounds(tiny_bert_dir: Path, sst2_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "report"
+def _simulate(model: Path, data: Path, out: Path) -> subprocess.CompletedProcess[str]:
     argv = fedbpt_command(
-        "simulate", "--clients", "2", "--rounds", "2", "--data", str(sst2_dir), "--out", str(out),
-        "--model", str(tiny_bert_dir), *SMALL,
+        "simulate", "--clients", "2", "--rounds", "2", "--data", str(data), "--out", str(out),
+        "--model", str(model), *SMALL,
     )  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "zero-shot accuracy" in done.stdout
-    assert re.search(r"round +1  clients 2  loss", done.stdout), done.stdout[-2000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def first_run(
+    tiny_bert_dir: Path, sst2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("simulate") / "report"
+    return out, _simulate(tiny_bert_dir, sst2_dir, out).stdout
+
+
+def test_simulate_two_clients_two_rounds(first_run: tuple[Path, str]) -> None:
+    out, stdout = first_run
+    assert "zero-shot accuracy" in stdout
+    assert re.search(r"round +1  clients 2  loss", stdout), stdout[-2000:]
 
     report = json.loads((out / "report.json").read_text())
     summary = report["summary"]
     assert summary["state"] == "finished" and summary["rounds_completed"] == 2
     assert report["config"]["projection"]["intrinsic_dim"] == 16
-    _check_accuracies(report, done.stdout)
+    _check_accuracies(report, stdout)
     for link, value in summary["bytes_per_client_per_round"].items():
         assert value > 0, link
     for record in report["rounds"]:
@@ -67,6 +79,35 @@ def test_simulate_two_clients_two_rounds(tiny_bert_dir: Path, sst2_dir: Path, tm
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     parts = sorted(p.name for p in (out / "data").iterdir())
     assert parts == ["client_0.jsonl", "client_1.jsonl", "test.jsonl", "test_0.jsonl", "test_1.jsonl"]
+
+
+def _what_a_run_computed(out: Path) -> list[Any]:
+    """Every number of the round records that the algorithm computes (no times, no ids)."""
+    report = json.loads((out / "report.json").read_text())
+    keep = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_accuracy", "test_loss")
+    rounds = [
+        (
+            record["round"],
+            {k: record.get(k) for k in ("val_loss", "test_accuracy", "sigma_after", "server_sigma")},
+            sorted(
+                (p["name"], p["n_samples"], p["fitness"], [p["metrics"].get(k) for k in keep])
+                for p in record["participants"]
+            ),
+        )
+        for record in report["rounds"]
+    ]
+    final = PromptResponse.model_validate_json((out / "prompt_final.json").read_text())
+    return [rounds, final.z.numpy().tolist(), report["summary"]["selected_state"]]
+
+
+def test_the_same_seeded_simulation_gives_identical_round_records(
+    first_run: tuple[Path, str], tiny_bert_dir: Path, sst2_dir: Path, tmp_path: Path
+) -> None:
+    """Two runs of one seeded simulation on one machine: the same numbers, round by round, bit for
+    bit (across machines the CPU's float kernels may differ in the last bits: docs/simulate.md)."""
+    again = tmp_path / "again"
+    _simulate(tiny_bert_dir, sst2_dir, again)
+    assert _what_a_run_computed(again) == _what_a_run_computed(first_run[0])
 
 
 def _check_accuracies(report: dict[str, Any], stdout: str) -> None:
