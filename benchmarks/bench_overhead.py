@@ -64,7 +64,7 @@ def request_bodies(ids: list[list[int]], size: tuple[int, int, int, int], n: int
     ]  # fmt: skip
 
 
-def in_process(model: str, threads: int, bodies: list[bytes]) -> dict[str, float]:
+def in_process(model: str, threads: int, bodies: list[bytes], device: str) -> dict[str, float]:
     import torch
 
     from inference_service.backends import load_backend
@@ -72,7 +72,7 @@ def in_process(model: str, threads: int, bodies: list[bytes]) -> dict[str, float
     from inference_service.settings import ServiceSettings
 
     torch.set_num_threads(threads)
-    settings = ServiceSettings(model=model, device="cpu", dtype="float32")
+    settings = ServiceSettings(model=model, device=device, dtype="float32")
     scorer = Scorer(load_backend(settings), settings)
     request = ScoreRequest.model_validate_json(bodies[0])
     scorer.score(request)  # warm-up: A, the anchors, kernels
@@ -87,10 +87,10 @@ def in_process(model: str, threads: int, bodies: list[bytes]) -> dict[str, float
     }
 
 
-def over_http(model: str, threads: int, bodies: list[bytes], log: Path) -> float:
+def over_http(model: str, threads: int, bodies: list[bytes], log: Path, device: str) -> float:
     port = free_port()
     argv = fedbpt_command(
-        "serve-model", "--model", model, "--port", str(port), "--device", "cpu", "--dtype", "float32",
+        "serve-model", "--model", model, "--port", str(port), "--device", device, "--dtype", "float32",
         "--threads", str(threads), "--log-level", "warning",
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: no oversubscription when other work runs)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (float32 either way)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-overhead")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,9 @@ def main() -> None:
 
     tiny = str(build_random_model("st-bert", Path(tempfile.mkdtemp(prefix="fedbpt-tiny-st-"))))
     texts = [json.loads(line)["text"] for line in (DATA / "sst2" / "test.jsonl").open()][:32]
-    print(f"torch threads {args.threads}; median of {args.requests} requests; ms per request")
+    print(
+        f"device {args.device}, torch threads {args.threads}; median of {args.requests} requests; ms per request"
+    )
     print(
         f"{'model':<8} {'request':<28} {'parse':>7} {'prepare':>8} {'run':>8} {'encode':>7} {'HTTP':>8} {'overhead':>9}"
     )
@@ -133,8 +136,8 @@ def main() -> None:
         ids = codec.encode_inputs(texts)
         for label, size in SIZES.items():
             bodies = request_bodies(ids, size, args.requests)
-            parts = in_process(model, args.threads, bodies)
-            http_ms = over_http(model, args.threads, bodies, args.out / f"serve-{name}.log")
+            parts = in_process(model, args.threads, bodies, args.device)
+            http_ms = over_http(model, args.threads, bodies, args.out / f"serve-{name}.log", args.device)
             overhead = http_ms - parts["run"]
             print(
                 f"{name:<8} {label:<28} {parts['parse']:>7.2f} {parts['prepare']:>8.2f} {parts['run']:>8.2f} "
