@@ -332,6 +332,6 @@ class Engine:
 
 
 def _state_index(which: str) -> int:
-    if not which.isdigit():
+    if not (which.isascii() and which.isdigit()):  # "²".isdigit() is True, int("²") fails
         raise BadRequest(f"state must be 'selected', 'final' or a state index (0, 1, ...), got {which!r}")
     return int(which)

@@ -142,7 +142,7 @@ def _label(value: Any, where: str, column: str) -> Label:
         return int(value)
     if isinstance(value, str) and value.strip():
         stripped = value.strip()
-        if stripped.lstrip("-").isdigit():
+        if stripped.lstrip("-").isascii() and stripped.lstrip("-").isdigit():  # not "²"
             return int(stripped)
         return stripped
     raise DataError(f"{where}: {column!r} must be an integer or a non-empty string, got {value!r:.80}")

@@ -43,6 +43,9 @@ def test_string_labels_map_deterministically() -> None:
 def test_digit_strings_are_integers(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text("text,label\nx,1\ny,0\n")
     assert load_labeled_texts(tmp_path / "d.csv").labels == [1, 0]
+    # Unicode digits are names, not integers ("²".isdigit() is True, and int("²") raises).
+    (tmp_path / "u.csv").write_text("text,label\nx,²\ny,١\n", encoding="utf-8")
+    assert load_labeled_texts(tmp_path / "u.csv").labels == ["²", "١"]
 
 
 @pytest.mark.parametrize(
