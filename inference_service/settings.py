@@ -107,7 +107,9 @@ class ServiceSettings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isascii() and v[5:].isdigit()):
+        if v not in ("auto", "cpu", "cuda") and not (
+            v.startswith("cuda:") and v[5:].isascii() and v[5:].isdigit()
+        ):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {v!r}")
         return v
 
