@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from coordinator.metrics import CoordinatorMetrics
+from protos.media import NOT_JSON, declares_json
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -22,20 +23,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# curl -d sends application/x-www-form-urlencoded; without this the answer would be a puzzling 422.
-NOT_JSON = (
-    "send the body as JSON with Content-Type: application/json "
-    "(curl: --json '<body>', or -H 'Content-Type: application/json' -d '<body>')"
-)
-
-
-def _is_json(scope: Scope) -> bool:
-    """Whether the request declares a JSON body (application/json or a +json type)."""
-    for name, value in scope.get("headers", []):
-        if name == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            return media == b"application/json" or media.endswith(b"+json")
-    return False
 
 
 async def _answer(send: Send, status: int, detail: str) -> None:
@@ -110,7 +97,7 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if body and not _is_json(scope):
+        if body and not declares_json(scope.get("headers", [])):
             await _answer(send, 415, NOT_JSON)
             return
         replayed = False

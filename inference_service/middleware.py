@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from inference_service.metrics import ServiceMetrics
+from protos.media import NOT_JSON, declares_json
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -29,20 +30,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# curl -d sends application/x-www-form-urlencoded; without this the answer would be a puzzling 422.
-NOT_JSON = (
-    "send the body as JSON with Content-Type: application/json "
-    "(curl: --json '<body>', or -H 'Content-Type: application/json' -d '<body>')"
-)
-
-
-def _is_json(scope: Scope) -> bool:
-    """Whether the request declares a JSON body (application/json or a +json type)."""
-    for name, value in scope.get("headers", []):
-        if name == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            return media == b"application/json" or media.endswith(b"+json")
-    return False
 
 
 TENANT_KEY = "fedbpt.tenant"
@@ -176,7 +163,7 @@ class GuardMiddleware:
                 break
         body = b"".join(chunks)
         self.metrics.request_bytes.labels(self.metrics.route(path)).inc(len(body))
-        if body and not _is_json(scope):
+        if body and not declares_json(scope.get("headers", [])):
             await _answer(send, 415, NOT_JSON)
             return
         replayed = False
