@@ -17,7 +17,7 @@ import pytest
 from fed_clients.data import load_labeled_texts
 from fed_clients.evaluate import evaluate_prompt
 from fed_clients.inputs import EncodedSplit, encode_split, input_budget
-from fed_clients.losses import cross_entropy, fitness
+from fed_clients.losses import accuracy, cross_entropy, fitness
 from fed_clients.model_api import ModelService
 from fed_clients.perturb import Perturber
 from fed_clients.presets import ResolvedTask, resolve_task
@@ -95,6 +95,12 @@ def test_local_round_makes_one_call_per_generation_and_scoring(
     pert = cross_entropy(score(result.mean[None], [(perturbed.input_ids, None)])[0], split.labels)
     assert result.fitness == pytest.approx(float(fitness(clean, pert)[0]), rel=1e-9)
     assert result.train_loss == pytest.approx(float(clean[0]), rel=1e-9)
+    # The reported train accuracy is the final mean's on the clean inputs (mutants 85 of
+    # `make mutation GROUP=training`), and the history holds each generation's best fitness (57, 86).
+    clean_logits = score(result.mean[None], [(split.input_ids, None)])[0]
+    assert result.train_accuracy == pytest.approx(float(accuracy(clean_logits, split.labels)[0]))
+    assert len(result.fitness_history) == 3
+    assert all(isinstance(v, float) and np.isfinite(v) for v in result.fitness_history)
     # Same seed, same state: the same round again (the service is deterministic).
     again = train_locally(score, _state(), split.input_ids, split.labels, 5, 3, 1234, perturbed=perturbed)
     assert np.array_equal(again.mean, result.mean)
