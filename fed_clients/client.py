@@ -67,6 +67,8 @@ def state_digest(state: GlobalState) -> str:
     h.update(repr(state.sigma).encode())
     if state.cov is not None:
         h.update(state.cov.data.encode())
+    if state.cov_lowrank is not None:
+        h.update(state.cov_lowrank.model_dump_json().encode())
     return h.hexdigest()
 
 

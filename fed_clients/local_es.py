@@ -50,11 +50,15 @@ def local_options(popsize: int, maxiter: int, seed: int) -> dict[str, object]:
 
 
 def covariance(state: GlobalState) -> np.ndarray | None:
-    """The global covariance as a [d, d] matrix (from the full matrix or its diagonal), or None
-    for the identity."""
+    """The global covariance as a [d, d] matrix (from the full matrix, its diagonal or its low-rank
+    form: protos/covariance.py), or None for the identity."""
     d = state.mean.shape[0] if state.mean.shape else 0
     if len(state.mean.shape) != 1 or d < 1:
         raise ValueError(f"global mean must be a vector [d], got shape {state.mean.shape}")
+    if state.cov_lowrank is not None:
+        if state.cov_lowrank.vectors.shape[1] != d:
+            raise ValueError(f"low-rank covariance of dimension {state.cov_lowrank.vectors.shape[1]} != {d}")
+        return state.cov_lowrank.dense()
     if state.cov is None:
         return None
     cov = np.asarray(state.cov.numpy(), dtype=np.float64)

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from protos.arrays import Array
+from protos.covariance import LowRankCovariance
 from protos.run_config import RunConfig
 from protos.scoring import ProjectionSpec, Strict
 
@@ -59,12 +60,21 @@ class RunInfo(Strict):
 class GlobalState(Strict):
     """The global search distribution handed to clients: N(mean, sigma^2 C).
 
-    ``cov`` is the d x d matrix, or its diagonal [d] (``covariance: diagonal``), or null for I.
+    ``cov`` is the d x d matrix, or its diagonal [d] (``covariance: diagonal``), or null; with
+    ``covariance: lowrank`` it is null and ``cov_lowrank`` carries C (protos/covariance.py). Both
+    null: C = I.
     """
 
     mean: Array
     sigma: float = Field(gt=0)
     cov: Array | None = None
+    cov_lowrank: LowRankCovariance | None = None
+
+    @model_validator(mode="after")
+    def _one_covariance(self) -> GlobalState:
+        if self.cov is not None and self.cov_lowrank is not None:
+            raise ValueError("a global state carries cov or cov_lowrank, not both")
+        return self
 
 
 class Task(Strict):

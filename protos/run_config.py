@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from protos.covariance import CovarianceForm
 from protos.scoring import ProjectionSpec, Strict
 
 
@@ -66,9 +67,13 @@ class RunConfig(Strict):
         "measured stabler under label skew, docs/results.md), rank (pycma's rank weights over the "
         "clients' fitnesses: the reference), equal (1/M each)",
     )
-    covariance: Literal["full", "diagonal"] = Field(
-        default="full", description="what the task carries: the d x d matrix or only its diagonal"
+    covariance: CovarianceForm = Field(
+        default="full",
+        description="what the task carries of the server's C: full (d x d), diagonal (d), lowrank "
+        "(covariance_rank eigen-directions + the mean of the rest) or identity (nothing); "
+        "protos/covariance.py, docs/design.md",
     )
+    covariance_rank: int = Field(default=8, ge=1, description="k of covariance: lowrank (k < d)")
     covariance_dtype: Literal["float32", "float64"] = "float32"
     fedavg_sigma: float | None = Field(default=None, gt=0, description="fixed sigma of fedavg (None: sigma0)")
     robust: Literal["off", "clip", "reject"] = Field(
@@ -94,6 +99,11 @@ class RunConfig(Strict):
             raise ValueError("labels, when given, must be a non-empty list of non-empty strings")
         if self.template is not None and self.template.count("{input}") != 1:
             raise ValueError("template, when given, must contain {input} exactly once")
+        if self.covariance == "lowrank" and self.covariance_rank >= self.dim:
+            raise ValueError(
+                f"covariance_rank {self.covariance_rank} must be below intrinsic_dim {self.dim} "
+                "(or use covariance: full)"
+            )
         return self
 
     @property

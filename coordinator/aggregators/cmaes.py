@@ -33,6 +33,7 @@ import numpy as np
 from coordinator.aggregators.base import Contribution, Step
 from coordinator.es_state import ServerState, capture, decomposition_due, initial_es, restore
 from protos import Array, GlobalState, RunConfig
+from protos.covariance import CovarianceForm, encode
 
 Weights = Literal["rank", "samples", "equal"]
 
@@ -51,7 +52,8 @@ class ServerCMAES:
         server_weights: Weights = "rank",
         sigma_floor: float | None = None,
         sigma_ceiling: float | None = None,
-        covariance: Literal["full", "diagonal"] = "full",
+        covariance: CovarianceForm = "full",
+        covariance_rank: int = 8,
         covariance_dtype: Literal["float32", "float64"] = "float32",
         eigenmethod: Callable[..., Any] | None = None,
     ) -> None:
@@ -64,6 +66,7 @@ class ServerCMAES:
         self.sigma_floor = sigma_floor
         self.sigma_ceiling = sigma_ceiling
         self.covariance = covariance
+        self.covariance_rank = covariance_rank
         self.covariance_dtype = covariance_dtype
         self.eigenmethod = eigenmethod
 
@@ -79,6 +82,7 @@ class ServerCMAES:
             sigma_floor=config.sigma_floor,
             sigma_ceiling=config.sigma_ceiling,
             covariance=config.covariance,
+            covariance_rank=config.covariance_rank,
             covariance_dtype=config.covariance_dtype,
             eigenmethod=eigenmethod,
         )
@@ -113,12 +117,13 @@ class ServerCMAES:
         return Step(capture(es), server_sigma=sigma_prime)
 
     def payload(self, state: ServerState) -> GlobalState:
-        cov: Array | None = None
         matrix = state.covariance()
-        if matrix is not None:
-            shaped = np.diag(matrix) if self.covariance == "diagonal" else matrix
-            cov = Array.from_numpy(shaped, dtype=self.covariance_dtype)
-        return GlobalState(mean=Array.from_numpy(state.mean, dtype="float64"), sigma=state.sigma, cov=cov)
+        carried = (
+            {}
+            if matrix is None
+            else encode(matrix, self.covariance, rank=self.covariance_rank, dtype=self.covariance_dtype)
+        )
+        return GlobalState(mean=Array.from_numpy(state.mean, dtype="float64"), sigma=state.sigma, **carried)  # type: ignore[arg-type]
 
     def pending_decomposition(self, state: ServerState, expected_clients: int) -> np.ndarray | None:
         """C, when pycma's next ask for ``expected_clients`` (at least 2) will re-decompose it."""

@@ -8,6 +8,7 @@ import pytest
 
 from fed_clients.local_es import build_local_es, covariance, local_mu, pycma_seed
 from protos import Array, GlobalState
+from protos.covariance import LowRankCovariance
 
 D = 30
 SEED = 1234
@@ -90,6 +91,19 @@ def test_diagonal_covariance_equals_the_full_diagonal_matrix() -> None:
     b = _trajectory(build_local_es(_state(server, np.diag(diag)), 5, 8, SEED))
     for x, y in zip(a, b, strict=True):
         assert np.array_equal(x, y)
+
+
+def test_low_rank_covariance_samples_as_the_matrix_it_stands_for() -> None:
+    server = _server_es()
+    form = LowRankCovariance.of(server.sm.C, 4)
+    state = _state(server, None).model_copy(update={"cov_lowrank": form})
+    a = _trajectory(build_local_es(state, 5, 8, SEED))
+    b = _trajectory(build_local_es(_state(server, form.dense()), 5, 8, SEED))
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x, y)
+    wrong = LowRankCovariance.of(np.eye(D + 1), 2)
+    with pytest.raises(ValueError, match="low-rank covariance of dimension"):
+        covariance(state.model_copy(update={"cov_lowrank": wrong}))
 
 
 def test_float32_covariance_on_the_wire_stays_close() -> None:

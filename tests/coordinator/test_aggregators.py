@@ -64,6 +64,27 @@ def test_the_diagonal_covariance_is_only_cs_diagonal() -> None:
     np.testing.assert_array_equal(sent.cov.numpy(), np.diag(state.es.C).astype(np.float32))
 
 
+def test_the_low_rank_covariance_is_exact_along_cs_farthest_directions() -> None:
+    agg = ServerCMAES(
+        dim=DIM, sigma0=1.0, rounds=20, local_popsize=6, covariance="lowrank", covariance_rank=3
+    )
+    state = _later_state(agg)
+    assert state.es is not None
+    sent = agg.payload(state)
+    assert sent.cov is None and sent.cov_lowrank is not None and sent.cov_lowrank.vectors.shape == [3, DIM]
+    eigenvalues = np.linalg.eigvalsh(state.es.C)
+    farthest = np.argsort(-np.abs(np.log(eigenvalues / np.median(eigenvalues))))[:3]
+    np.testing.assert_allclose(
+        sorted(sent.cov_lowrank.values.numpy()), sorted(eigenvalues[farthest]), rtol=1e-6
+    )
+    dense = sent.cov_lowrank.dense()
+    for v in sent.cov_lowrank.vectors.numpy():  # C and its form agree along the kept directions
+        assert float(v @ dense @ v) == pytest.approx(float(v @ state.es.C @ v), rel=1e-5)
+    identity = ServerCMAES(dim=DIM, sigma0=1.0, rounds=20, local_popsize=6, covariance="identity")
+    bare = identity.payload(state)
+    assert bare.cov is None and bare.cov_lowrank is None and bare.sigma == state.sigma
+
+
 def test_a_state_without_an_es_is_sent_without_a_covariance() -> None:
     """A cmaes run's state as FedAvg keeps it (es None, C = I): the payload carries no matrix."""
     agg = ServerCMAES(dim=DIM, sigma0=1.0, rounds=20, local_popsize=6)

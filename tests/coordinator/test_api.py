@@ -16,7 +16,7 @@ import pytest
 from coordinator.aggregators import Contribution, aggregate
 from coordinator.es_state import initial_es
 from protos import Array, ClientMetrics, PromptResponse, RoundRecord, RunConfig, RunInfo, Task
-from tests.coordinator.conftest import ADMIN_HEADERS, Coordinator, synthetic_update
+from tests.coordinator.conftest import ADMIN_HEADERS, Coordinator, small_config, synthetic_update
 
 
 def test_empty_body_creates_a_run_with_every_default(coord: Coordinator) -> None:
@@ -154,6 +154,14 @@ def test_options_reach_the_task(coord: Coordinator) -> None:
     run64, sites64 = coord.new_run(1, covariance_dtype="float64")
     t64 = coord.task(run64, sites64[0])
     assert t64.state is not None and t64.state.cov is not None and t64.state.cov.dtype == "float64"
+
+    low, low_sites = coord.new_run(1, covariance="lowrank", covariance_rank=3)
+    tl = coord.task(low, low_sites[0])
+    assert tl.state is not None and tl.state.cov is None and tl.state.cov_lowrank is not None
+    assert tl.state.cov_lowrank.vectors.shape == [3, 16]
+    body = small_config(covariance="lowrank", covariance_rank=16)
+    refused = coord.http.post("/v1/runs", json=body, headers=ADMIN_HEADERS)
+    assert refused.status_code == 422 and "must be below intrinsic_dim" in refused.text
 
     fed, fed_sites = coord.new_run(1, aggregator="fedavg", fedavg_sigma=0.3)
     tf = coord.task(fed, fed_sites[0])
