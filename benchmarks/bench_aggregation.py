@@ -6,7 +6,7 @@
    ("warm"), plus where the time goes.
 2. The full round close through the coordinator's engine on a real SQLite file (updates read back,
    aggregation, the new state written with fsync, the round record, the next round opened), for
-   full and diagonal covariance, and the cost of encoding the next round's task state once.
+   full, low-rank (k = 8) and diagonal covariance, and the cost of encoding the next round's task state once.
 
 Target: aggregation under 50 ms at 100 clients with full covariance.
 
@@ -217,7 +217,7 @@ def main() -> None:
     print("\n2. full round close through the engine on SQLite (median ms; fsync included)")
     print(f"{'clients':>8} {'cov':>9} {'close':>8} {'payload':>8} {'accept':>8} {'task bytes':>11}")
     for m in sizes:
-        for covariance in ("full", "diagonal"):
+        for covariance in ("full", "lowrank", "diagonal"):
             rounds = ARGS.engine_rounds if m < 1000 else max(2, ARGS.engine_rounds - 1)
             r = bench_engine(ARGS.dim, m, covariance, rounds)
             print(
@@ -226,7 +226,8 @@ def main() -> None:
     print(
         "   close: read the updates, aggregate, write state r+1 (mean, C, B, ...), close, open r+1, commit."
     )
-    print("   payload: encode the next round's task state once (cached for every client of the round).")
+    print("   payload: encode the next round's task state once (cached for every client of the round);")
+    print("   lowrank: rank 8 (an eigendecomposition of C per round, then (k + 1) d floats).")
     print("   accept: one accepted update (validation + its own fsynced transaction).")
 
 

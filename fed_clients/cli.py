@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from fed_clients.settings import ClientSettings
     from fed_clients.transport import JsonService
 
@@ -50,12 +52,15 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _service(settings: ClientSettings, name: str, url: str, token: str | None) -> JsonService:
+def _service(
+    settings: ClientSettings, name: str, url: str, token: str | None, alternates: Sequence[str] = ()
+) -> JsonService:
     from fed_clients.transport import JsonService, RetryPolicy
 
     return JsonService(
         name=name,
         base_url=url,
+        alternates=tuple(alternates),
         token=token,
         timeout_s=settings.request_timeout_s,
         connect_timeout_s=settings.connect_timeout_s,
@@ -66,6 +71,14 @@ def _service(settings: ClientSettings, name: str, url: str, token: str | None) -
         ),
         verify=settings.ca_file or True,
     )
+
+
+def _model_service(settings: ClientSettings) -> JsonService:
+    urls = settings.model_endpoints()
+    if not urls:
+        raise _fail("--model-endpoint names no URL (give one, or several separated by commas)")
+    first, *alternates = urls
+    return _service(settings, "model service", first, _secret(settings.api_key), alternates)
 
 
 def _secret(value: Any) -> str | None:
@@ -155,7 +168,7 @@ def client(
     log.info("loaded %d training examples from %s", len(train), train.source)
 
     coordinator_http = _service(settings, "coordinator", settings.coordinator, _secret(settings.token))
-    model_http = _service(settings, "model service", settings.model_endpoint, _secret(settings.api_key))
+    model_http = _model_service(settings)
     site = SiteClient(
         CoordinatorService(coordinator_http),
         ModelService(
@@ -229,7 +242,7 @@ def evaluate(
 
     if state and not (run_prompt or "").startswith(("http://", "https://")):
         raise _fail("--state needs --run-prompt as a coordinator /v1/runs/{id}/prompt URL")
-    model_http = _service(settings, "model service", settings.model_endpoint, _secret(settings.api_key))
+    model_http = _model_service(settings)
     try:
         prompts = _load_prompts(run_prompt, settings, state or []) if run_prompt else {}
         prompt = next(iter(prompts.values()), None)

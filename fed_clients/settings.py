@@ -3,6 +3,8 @@ flags of ``fedbpt client`` / ``fedbpt evaluate`` (flags win). Light import: pyda
 
 from __future__ import annotations
 
+import hashlib
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -17,7 +19,10 @@ class ClientSettings(BaseSettings):
     coordinator: str | None = Field(default=None, description="coordinator base URL")
     token: SecretStr | None = Field(default=None, description="this client's coordinator bearer token")
     run_id: str | None = Field(default=None, description="run to join (default: asked via GET /v1/whoami)")
-    model_endpoint: str | None = Field(default=None, description="inference service base URL")
+    model_endpoint: str | None = Field(
+        default=None,
+        description="inference service base URL, or several replicas' URLs separated by commas",
+    )
     api_key: SecretStr | None = Field(default=None, description="inference service bearer key")
 
     data: str | None = Field(
@@ -47,3 +52,13 @@ class ClientSettings(BaseSettings):
         description="PEM bundle to verify the services' TLS certificates (default: the system's)",
     )
     log_level: str = "info"
+
+    def model_endpoints(self) -> list[str]:
+        """The replicas of ``model_endpoint`` in the order this site tries them: rotated by a hash
+        of the site's token, so that the sites of a federation spread over the replicas and each
+        keeps the same first choice from one round to the next (no token: the order given)."""
+        urls = [u.strip() for u in (self.model_endpoint or "").split(",") if u.strip()]
+        if len(urls) < 2 or self.token is None:
+            return urls
+        start = int(hashlib.sha256(self.token.get_secret_value().encode()).hexdigest(), 16) % len(urls)
+        return urls[start:] + urls[:start]

@@ -6,6 +6,11 @@ total time is spent: long enough by default to ride out a service restart. A 409
 :class:`Conflict` (the caller decides: a late update is logged and the loop goes on). Every other
 4xx raises :class:`FatalServiceError` with the service's ``detail``: retrying cannot fix a wrong
 token, a wrong run or a malformed request.
+
+A service may have replicas (``alternates``: more base URLs serving the same model, e.g. one engine
+per GPU): a failed attempt moves to the next URL at once, and only after every URL has failed since
+the last wait does the backoff apply. The URL that answered stays current, so a site keeps talking
+to one replica (whose input cache holds its registered inputs) until that replica fails.
 """
 
 from __future__ import annotations
@@ -130,9 +135,13 @@ class JsonService:
     seed: int | None = None
     # TLS: True (the system's CAs), a PEM bundle path (a private CA or a self-signed certificate).
     verify: bool | str = True
+    # Replicas of the same service, tried in order after ``base_url`` (module docstring).
+    alternates: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
+        self._urls = [self.base_url, *(u.rstrip("/") for u in self.alternates)]
+        self._current = 0
         headers = {"Accept": "application/json", "User-Agent": "fedbpt-client"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -182,6 +191,11 @@ class JsonService:
                 response.status_code,
             ) from None
 
+    @property
+    def current_url(self) -> str:
+        """The base URL requests go to now (the last replica that answered, or the first)."""
+        return self._urls[self._current]
+
     # ----- the one place that talks HTTP -----
     def request(
         self,
@@ -193,45 +207,23 @@ class JsonService:
         timeout_s: float | None = None,
     ) -> httpx.Response:
         """Send until a 2xx (returned), a 4xx (raised) or the retry budget is spent (raised)."""
-        url = f"{self.base_url}{path}"
-        headers = {"Content-Type": "application/json"} if content is not None else None
-        timeout = httpx.Timeout(timeout_s, connect=self.connect_timeout_s) if timeout_s is not None else None
+        kwargs: dict[str, Any] = {"content": content, "params": params}
+        kwargs["headers"] = {"Content-Type": "application/json"} if content is not None else None
+        if timeout_s is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout_s, connect=self.connect_timeout_s)
         started = time.monotonic()
-        attempt = 0
+        attempt = hops = 0
         while True:
             attempt += 1
-            problem: str
-            wait_hint: float | None = None
-            try:
-                kwargs: dict[str, Any] = {"content": content, "params": params, "headers": headers}
-                if timeout is not None:
-                    kwargs["timeout"] = timeout
-                response = self._client.request(method, url, **kwargs)
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
-                # The body may or may not have left; count what we tried to send.
-                self.traffic.bytes_sent += len(content or b"")
-                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            else:
-                self.traffic.calls += 1
-                self.traffic.bytes_sent += len(content or b"")
-                self.traffic.bytes_received += len(response.content)
-                status = response.status_code
-                if status < 400:
-                    return response
-                if status == 409:
-                    raise Conflict(
-                        self.name, f"{method} {path}: 409 {_detail(response)}", 409, _detail(response)
-                    )
-                if status < 500 and status not in RETRY_STATUSES:
-                    raise FatalServiceError(
-                        self.name,
-                        f"{method} {path} was refused with HTTP {status}: {_detail(response)}",
-                        status,
-                        _detail(response),
-                    )
-                problem = f"HTTP {status}: {_detail(response)}"
-                wait_hint = _retry_after(response)
-
+            outcome = self._send(method, path, len(content or b""), kwargs)
+            if isinstance(outcome, httpx.Response):
+                return outcome
+            problem, wait_hint = outcome
+            if hops < len(self._urls) - 1:  # a replica not tried since the last wait: go there now
+                hops += 1
+                self._next_replica(problem)
+                continue
+            hops = 0
             elapsed = time.monotonic() - started
             delay = self.retry.backoff(attempt, self._rng)
             if wait_hint is not None:
@@ -246,3 +238,36 @@ class JsonService:
                 "%s: %s %s failed (%s); retry %d in %.1fs", self.name, method, path, problem, attempt, delay
             )
             self.sleep(delay)
+            if len(self._urls) > 1:
+                self._next_replica(problem)
+
+    def _next_replica(self, problem: str) -> None:
+        before = self.current_url
+        self._current = (self._current + 1) % len(self._urls)
+        log.warning("%s: %s failed (%s); trying %s", self.name, before, problem, self.current_url)
+
+    def _send(
+        self, method: str, path: str, size: int, kwargs: dict[str, Any]
+    ) -> httpx.Response | tuple[str, float | None]:
+        """One attempt at the current URL: the response (< 400), or (the problem, a Retry-After
+        hint) when it may be retried; raises what retrying cannot fix."""
+        self.traffic.bytes_sent += size  # on a transport error the body may or may not have left
+        try:
+            response = self._client.request(method, f"{self.current_url}{path}", **kwargs)
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            return (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), None
+        self.traffic.calls += 1
+        self.traffic.bytes_received += len(response.content)
+        status = response.status_code
+        if status < 400:
+            return response
+        if status == 409:
+            raise Conflict(self.name, f"{method} {path}: 409 {_detail(response)}", 409, _detail(response))
+        if status < 500 and status not in RETRY_STATUSES:
+            raise FatalServiceError(
+                self.name,
+                f"{method} {path} was refused with HTTP {status}: {_detail(response)}",
+                status,
+                _detail(response),
+            )
+        return f"HTTP {status}: {_detail(response)}", _retry_after(response)

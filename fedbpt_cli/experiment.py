@@ -65,6 +65,7 @@ def experiment(
         here / grid.preface if grid.preface else None,
         here / grid.discussion if grid.discussion else None,
         read_records(here / grid.data_size) if grid.data_size else None,
+        read_records(here / grid.communication) if grid.communication else None,
     )
     console.print(f"wrote {path}")
     raise typer.Exit(code)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbpt_cli.experiments import tables
+from fedbpt_cli.experiments.forms import forms_section, refresh_block
 from fedbpt_cli.experiments.grid import LABELS, METHODS, Grid, cells, partition_name
 from fedbpt_cli.experiments.records import CellResult
 from fedbpt_cli.experiments.runner import MEMORY_RECORD
@@ -316,7 +317,10 @@ def write_document(
     preface: Path | None = None,
     discussion: Path | None = None,
     data_size: Sequence[CellResult] | None = None,
+    forms: Sequence[CellResult] | None = None,
 ) -> Path:
+    """The results document; ``forms``: the records of a covariance-forms study (None: the grid's
+    own, when they hold more than one form), also written into performance.md beside ``doc``."""
     plot_paths = plot_curves(grid, records, doc.parent / "results")
     plots = {p.stem: p for p in plot_paths}
     failed = [r.cell.key for r in records if r.status != "ok"]
@@ -336,6 +340,11 @@ def write_document(
         lines += data_size_section(data_size, doc)
     lines += ["## Communication", ""]
     lines += communication_section(grid, records)
+    forms_records = forms if forms is not None else records
+    if forms is not None or len(tables.covariance_forms(records)) > 1:
+        block = forms_section(forms_records, doc)
+        lines += ["### What a task carries of the covariance", "", *block]
+        refresh_block(doc.parent / "performance.md", block)
     lines += ["## Client memory", ""]
     lines += memory_section(records, records_dir)
     lines += ["## Query budget and time", ""]

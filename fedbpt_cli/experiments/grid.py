@@ -99,6 +99,10 @@ class Grid(_Strict):
     data_size: str | None = Field(
         default=None, description="records folder of a shots study (experiments/data_size.yaml) to plot"
     )
+    communication: str | None = Field(
+        default=None,
+        description="records folder of a covariance-forms study (experiments/communication/grid.yaml) to tabulate",
+    )
 
     @field_validator("partitions")
     @classmethod

@@ -181,3 +181,50 @@ def wall_seconds(records: Sequence[CellResult]) -> dict[tuple[str, str, str], St
         if r.status == "ok":
             out[(r.device, r.cell.dataset, r.cell.method)].append(r.wall_seconds)
     return {k: stat(v) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class FormRow:
+    """One covariance form of the communication study: its downlink and what it cost in accuracy."""
+
+    dim: int
+    form: str  # "full", "diagonal", "lowrank k = 8", "identity"
+    down: float  # coordinator -> client, bytes per client and round (measured)
+    up: float  # client -> coordinator
+    selected: Stat | None
+    final: Stat | None
+
+
+def covariance_forms(records: Sequence[CellResult]) -> list[FormRow]:
+    """FedBPT cells grouped by (d, what the task carried of C), from each record's run settings;
+    d ascending, the heaviest form first."""
+    from protos import RunConfig  # the settings are RunConfig fields; read them as the run did
+
+    groups: dict[tuple[int, str], list[CellResult]] = defaultdict(list)
+    for r in records:
+        if r.status == "ok" and r.cell.method.startswith("fedbpt") and r.settings:
+            config = RunConfig.model_validate(r.settings["run"])
+            form = config.covariance + (
+                f" k = {config.covariance_rank}" if config.covariance == "lowrank" else ""
+            )
+            groups[(config.dim, form)].append(r)
+    rows = []
+    for (dim, form), group in groups.items():
+        selected = [
+            r.selected_accuracy if r.selected_accuracy is not None else r.final_accuracy for r in group
+        ]
+        rows.append(
+            FormRow(
+                dim=dim,
+                form=form,
+                down=statistics.fmean(
+                    r.bytes_per_client_per_round.get("coordinator_to_client", 0.0) for r in group
+                ),
+                up=statistics.fmean(
+                    r.bytes_per_client_per_round.get("client_to_coordinator", 0.0) for r in group
+                ),
+                selected=stat([v for v in selected if v is not None]),
+                final=stat([r.final_accuracy for r in group if r.final_accuracy is not None]),
+            )
+        )
+    return sorted(rows, key=lambda row: (row.dim, -row.down))

@@ -151,3 +151,28 @@ def test_the_client_falls_back_to_stateless_scoring(
         )
     assert len(network.bodies("POST", "/v1/inputs")) == 1  # asked once, then never again
     assert len(network.bodies("POST", "/v1/score")) == 3
+
+
+def test_a_replica_that_dies_hands_the_site_over_to_the_next(
+    tiny_bert: Path, model_url: str, task: ResolvedTask, split: EncodedSplit, tmp_path: Path
+) -> None:
+    """Two real service processes on the same model, listed as replicas: the site scores on the
+    first; once it is killed, the next call moves to the second at once, registers its inputs
+    there (the second never saw them: 404, then registration) and gets the same logits.
+    Break seen to fail: ``JsonService.request`` that never calls ``_next_replica``: the call
+    retries the dead replica until its budget is spent and raises ServiceUnavailable."""
+    proc, first = _serve(tiny_bert, tmp_path / "replica.log")
+    z = np.random.default_rng(5).normal(size=(3, 16))
+    ids = [row + row[:1] for row in split.input_ids[:5]]  # inputs no other test registers anywhere
+    with running(proc, ready_url=f"{first}/readyz", timeout=180):
+        http = JsonService(
+            "model service", first, timeout_s=120, retry=RetryPolicy(total_s=8, initial_s=0.1, max_backoff_s=1),
+            alternates=(model_url,),
+        )  # fmt: skip
+        model = ModelService(http)
+        before = model.score(task.spec, ids, z=z, projection=PROJECTION)
+        assert http.current_url == first and model.traffic.registrations == 1
+        proc.kill()
+        after = model.score(task.spec, ids, z=z, projection=PROJECTION)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)  # another process: same weights
+    assert http.current_url == model_url and model.traffic.registrations == 2

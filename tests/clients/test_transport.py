@@ -12,7 +12,7 @@ import pytest
 
 from fed_clients.model_api import ModelService
 from fed_clients.transport import Conflict, FatalServiceError, JsonService, RetryPolicy, ServiceUnavailable
-from fedbpt_cli.procs import fedbpt_command
+from fedbpt_cli.procs import fedbpt_command, free_port
 from protos import ModelInfo
 from tests.clients.conftest import StandIn
 
@@ -150,3 +150,54 @@ def test_client_command_without_whoami_needs_a_run_id(
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "the coordinator has no GET /v1/whoami; pass the run id (--run-id or FEDBPT_RUN_ID)" in done.stderr
+
+
+def test_a_failed_replica_hands_over_to_the_next_at_once(stand_in: Callable[..., StandIn]) -> None:
+    """Replicas: a refused connection and a 503 each move the request to the next URL without a
+    wait; the replica that answered stays current for later requests. Catches a client that waits
+    out its backoff on a dead replica, or goes back to it on the next call."""
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    busy, live = stand_in().start(), stand_in().start()
+    busy.script.on("/v1/model", (503, {"detail": "overloaded"}))
+    live.script.on("/v1/model", (200, INFO))
+    waits: list[float] = []
+    with JsonService(
+        "model service", dead, token="k", timeout_s=5, retry=FAST, sleep=waits.append,
+        alternates=(busy.url, live.url),
+    ) as http:  # fmt: skip
+        assert ModelService(http).info().model_id == "stand-in"
+        assert http.current_url == live.url and waits == []
+        ModelService(http).info()
+    assert (busy.script.hits["/v1/model"], live.script.hits["/v1/model"]) == (1, 2)
+
+
+def test_when_every_replica_fails_the_backoff_applies_between_rounds_of_them(
+    stand_in: Callable[..., StandIn],
+) -> None:
+    """Both replicas 503: one wait per pass over both, and the retry budget still ends it."""
+    a, b = stand_in().start(), stand_in().start()
+    for s in (a, b):
+        s.script.on("/v1/model", (503, {"detail": "down"}))
+    waits: list[float] = []
+    policy = RetryPolicy(total_s=0.5, initial_s=0.05, max_backoff_s=0.1)
+    with (
+        JsonService("model service", a.url, retry=policy, sleep=waits.append, alternates=(b.url,)) as http,
+        pytest.raises(ServiceUnavailable, match="down"),
+    ):
+        ModelService(http).info()
+    hits = a.script.hits["/v1/model"] + b.script.hits["/v1/model"]
+    assert len(waits) >= 1 and hits == 2 * len(waits) + 2  # two tries per wait, the last pass unwaited
+    assert abs(a.script.hits["/v1/model"] - b.script.hits["/v1/model"]) <= 1
+
+
+def test_sites_spread_over_the_replicas_and_keep_their_first_choice() -> None:
+    from fed_clients.settings import ClientSettings
+
+    urls = "http://a:1, http://b:2,http://c:3"
+    firsts = {ClientSettings(model_endpoint=urls, token=f"token-{k}").model_endpoints()[0] for k in range(30)}
+    assert firsts == {"http://a:1", "http://b:2", "http://c:3"}
+    one = ClientSettings(model_endpoint=urls, token="token-7")
+    assert one.model_endpoints() == ClientSettings(model_endpoint=urls, token="token-7").model_endpoints()
+    assert sorted(one.model_endpoints()) == ["http://a:1", "http://b:2", "http://c:3"]
+    assert ClientSettings(model_endpoint=urls).model_endpoints() == ["http://a:1", "http://b:2", "http://c:3"]
+    assert ClientSettings(model_endpoint="http://x:9/").model_endpoints() == ["http://x:9/"]

@@ -189,3 +189,44 @@ def test_the_shots_study_is_plotted_from_the_records_settings(tmp_path: Path) ->
         grid, [], tmp_path, tmp_path / "pending" / "results.md", data_size=[]
     ).read_text()
     assert "## How much data a federation needs" in pending and "Not run yet: `make data-size`" in pending
+
+
+def test_the_covariance_forms_study_is_tabulated_from_the_records_settings(tmp_path: Path) -> None:
+    """The forms section groups FedBPT records by (d, the form their run settings name), averages
+    the measured downlink and the selected accuracy over seeds, states the saving against the full
+    C of the same d, and refreshes the marked block of performance.md beside the document."""
+    study = []
+    for form, down, accs in (("full", 55_000.0, (0.72, 0.70)), ("lowrank", 5_500.0, (0.71, 0.73))):
+        for seed, acc in enumerate(accs):
+            run = {"projection": {"intrinsic_dim": 100}, "covariance": form, "covariance_rank": 8}
+            study.append(
+                CellResult(
+                    cell=Cell(dataset=f"sst2_{form}", partition="iid", method="fedbpt", seed=seed),
+                    selected_accuracy=acc,
+                    final_accuracy=0.6,
+                    bytes_per_client_per_round={
+                        "coordinator_to_client": down + seed,
+                        "client_to_coordinator": 1600.0,
+                    },
+                    settings={"run": run},
+                )
+            )
+    study.append(
+        CellResult(cell=Cell(dataset="z", partition="all", method="zero_shot", seed=None), final_accuracy=0.7)
+    )
+    rows = tables.covariance_forms(study)
+    assert [(r.dim, r.form) for r in rows] == [(100, "full"), (100, "lowrank k = 8")]
+    assert rows[1].down == pytest.approx(5_500.5) and rows[1].selected is not None
+    assert rows[1].selected.mean == pytest.approx(0.72) and rows[1].selected.n == 2
+
+    (tmp_path / "doc").mkdir()
+    perf = tmp_path / "doc" / "performance.md"
+    perf.write_text("# P\n<!-- fedbpt:covariance-forms -->\nold\n<!-- /fedbpt:covariance-forms -->\ntail\n")
+    text = write_document(_grid(), [], tmp_path, tmp_path / "doc" / "results.md", forms=study).read_text()
+    line = "| 100 | lowrank k = 8 | 5,500 | 10.0x smaller | 1,600 | 72.00 ± 1.41 | 60.00 ± 0.00 | 2 |"
+    assert "### What a task carries of the covariance" in text and line in text
+    refreshed = perf.read_text()
+    assert line in refreshed and "old" not in refreshed and refreshed.endswith("tail\n")
+    assert (tmp_path / "doc" / "results" / "covariance_forms.png").stat().st_size > 5000
+    plain = write_document(_grid(), [], tmp_path, tmp_path / "plain" / "results.md").read_text()
+    assert "What a task carries" not in plain  # the grid names no study and has one form
