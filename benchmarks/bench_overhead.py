@@ -115,6 +115,7 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda (float32 either way)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-overhead")
+    parser.add_argument("--models", default="tiny,MiniLM", help="tiny and/or MiniLM (the embedded one)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from inference_service.random_models import build_random_model
@@ -128,7 +129,9 @@ def main() -> None:
     print(
         f"{'model':<8} {'request':<28} {'parse':>7} {'prepare':>8} {'run':>8} {'encode':>7} {'HTTP':>8} {'overhead':>9}"
     )
-    for name, model in (("tiny", tiny), ("MiniLM", default_model_path())):
+    chosen = args.models.split(",")
+    for name, model in ((n, m) for n, m in (("tiny", tiny), ("MiniLM", "")) if n in chosen):
+        model = model or str(default_model_path())
         from inference_service.backends import load_backend
         from inference_service.settings import ServiceSettings
 
