@@ -77,7 +77,7 @@ lint: setup
 # of the group is retested each time (mutmut would otherwise keep a survivor's verdict after a test
 # was added to kill it); MUTANTS='glob' narrows it, e.g. MUTANTS='protos.arrays.x_decode_array*'.
 # Scores and survivors: docs/development.md.
-MUTATION_GROUPS = aggregation arrays perturb losses rounds training service
+MUTATION_GROUPS = aggregation arrays perturb losses rounds training service scheduler
 GROUP ?= aggregation
 MUTANTS ?= *
 MUTATION_JOBS ?= 2
