@@ -210,3 +210,36 @@ def test_the_in_flight_gauge_counts_the_merged_group() -> None:
 
     asyncio.run(scenario())
     assert seen == [3]
+
+
+def test_merged_jobs_run_on_the_model_thread_too() -> None:
+    """The model is only ever touched from the one model thread, merged calls included. Break seen
+    to fail: ``_run`` handing a merged group to the loop's default executor (``run_in_executor(None,
+    ...)``), whose threads are not the model thread."""
+    threads: list[str] = []
+
+    def merge(items: list[str]) -> list[str]:
+        threads.append(threading.current_thread().name)
+        return items
+
+    async def scenario() -> None:
+        scheduler = Scheduler()
+        assert await scheduler.submit_merged("a", merge, key="k") == "a"
+        await scheduler.stop()
+
+    asyncio.run(scenario())
+    assert len(threads) == 1 and threads[0].startswith("fedbpt-model")
+
+
+def test_a_new_event_loop_gets_a_worker_even_without_stop() -> None:
+    """A scheduler used from a second event loop whose first loop ended without ``stop`` (a test
+    client's lifespan, a restarted server) starts a worker there instead of queueing onto the dead
+    loop's queue. Break seen to fail: ``start``'s reuse test with ``or`` for ``and`` (the job waits
+    forever: ``wait_for`` times out)."""
+    scheduler = Scheduler()
+
+    async def use(value: int) -> int:
+        return await asyncio.wait_for(scheduler.submit(lambda: value), 30)
+
+    assert asyncio.run(use(1)) == 1
+    assert asyncio.run(use(2)) == 2
