@@ -55,6 +55,7 @@ class ServerCMAES:
         covariance: CovarianceForm = "full",
         covariance_rank: int = 8,
         covariance_dtype: Literal["float32", "float64"] = "float32",
+        mean_dtype: Literal["float64", "float32"] = "float64",
         eigenmethod: Callable[..., Any] | None = None,
     ) -> None:
         self.dim = dim
@@ -68,6 +69,7 @@ class ServerCMAES:
         self.covariance = covariance
         self.covariance_rank = covariance_rank
         self.covariance_dtype = covariance_dtype
+        self.mean_dtype = mean_dtype
         self.eigenmethod = eigenmethod
 
     @classmethod
@@ -84,6 +86,7 @@ class ServerCMAES:
             covariance=config.covariance,
             covariance_rank=config.covariance_rank,
             covariance_dtype=config.covariance_dtype,
+            mean_dtype=config.mean_dtype,
             eigenmethod=eigenmethod,
         )
 
@@ -123,7 +126,8 @@ class ServerCMAES:
             if matrix is None
             else encode(matrix, self.covariance, rank=self.covariance_rank, dtype=self.covariance_dtype)
         )
-        return GlobalState(mean=Array.from_numpy(state.mean, dtype="float64"), sigma=state.sigma, **carried)  # type: ignore[arg-type]
+        mean = Array.from_numpy(state.mean, dtype=self.mean_dtype)
+        return GlobalState(mean=mean, sigma=state.sigma, **carried)  # type: ignore[arg-type]
 
     def pending_decomposition(self, state: ServerState, expected_clients: int) -> np.ndarray | None:
         """C, when pycma's next ask for ``expected_clients`` (at least 2) will re-decompose it."""

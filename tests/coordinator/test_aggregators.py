@@ -85,6 +85,14 @@ def test_the_low_rank_covariance_is_exact_along_cs_farthest_directions() -> None
     assert bare.cov is None and bare.cov_lowrank is None and bare.sigma == state.sigma
 
 
+def test_a_float32_mean_is_the_servers_mean_rounded() -> None:
+    agg = ServerCMAES(dim=DIM, sigma0=1.0, rounds=20, local_popsize=6, mean_dtype="float32")
+    state = _later_state(agg)
+    sent = agg.payload(state)
+    assert sent.mean.dtype == "float32" and np.any(state.mean != 0)
+    np.testing.assert_array_equal(sent.mean.numpy(), state.mean.astype(np.float32))
+
+
 def test_a_state_without_an_es_is_sent_without_a_covariance() -> None:
     """A cmaes run's state as FedAvg keeps it (es None, C = I): the payload carries no matrix."""
     agg = ServerCMAES(dim=DIM, sigma0=1.0, rounds=20, local_popsize=6)

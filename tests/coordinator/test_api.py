@@ -582,3 +582,25 @@ def test_a_run_too_large_to_hold_is_refused_and_nothing_is_stored(coord: Coordin
         ).status_code
         == 201
     )
+
+
+def test_a_500_dimensional_task_fits_8_kb_with_a_diagonal_and_a_float32_mean(coord: Coordinator) -> None:
+    """At the paper's d = 500 the task (state, config, seeds) is 1.3 MB with the full C; with
+    `covariance: diagonal` and `mean_dtype: float32` it is under 8 KB on the wire (the body the
+    client receives), and the mean is the server's float64 mean rounded to float32."""
+    sizes = {}
+    for name, options in (
+        ("full", {}),
+        ("small", {"covariance": "diagonal", "mean_dtype": "float32"}),
+    ):
+        run_id, (site,) = coord.new_run(1, projection={"intrinsic_dim": 500}, **options)
+        r = coord.http.get(f"/v1/runs/{run_id}/task", headers=site.headers)
+        assert r.status_code == 200
+        sizes[name] = len(r.content)
+        task = Task.model_validate_json(r.content)
+        assert task.state is not None
+        state = coord.http.app.state.engine.runs.state(run_id)[1]
+        if name == "small":
+            assert task.state.mean.dtype == "float32" and task.state.cov is not None
+            np.testing.assert_array_equal(task.state.mean.numpy(), state.mean.astype(np.float32))
+    assert sizes["full"] > 1_000_000 and sizes["small"] <= 8_000, sizes
