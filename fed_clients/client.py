@@ -61,6 +61,20 @@ class Prepared:
     val: EncodedSplit | None = None  # held out of the site's examples (RunConfig.val_share)
 
 
+def eval_report(test: EvalResult | None, val: EvalResult | None) -> EvalReport | None:
+    """The final state's scores as a site reports them (None: it scored nothing)."""
+    if test is None and val is None:
+        return None
+    return EvalReport(
+        test_accuracy=test.accuracy if test else None,
+        n_test=test.n if test else 0,
+        test_loss=test.loss if test else None,
+        val_loss=val.loss if val else None,
+        val_accuracy=val.accuracy if val else None,
+        n_val=val.n if val else 0,
+    )
+
+
 def state_digest(state: GlobalState) -> str:
     h = hashlib.sha256()
     h.update(state.mean.data.encode())
@@ -271,16 +285,9 @@ class SiteClient:
         if last_round < 0:
             log.warning("run %s finished without a round; nothing to report the evaluation to", run_id)
             return result
-        if result is None and val is None:
+        report = eval_report(result, val)
+        if report is None:
             return None
-        report = EvalReport(
-            test_accuracy=result.accuracy if result else None,
-            n_test=result.n if result else 0,
-            test_loss=result.loss if result else None,
-            val_loss=val.loss if val else None,
-            val_accuracy=val.accuracy if val else None,
-            n_val=val.n if val else 0,
-        )
         try:
             self.coordinator.post_eval(run_id, last_round, report)
         except Conflict as exc:

@@ -26,7 +26,7 @@ from typing import cast
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fed_clients.client import SiteClient
+from fed_clients.client import SiteClient, eval_report
 from fed_clients.coordinator_api import CoordinatorService
 from fed_clients.data import load_labeled_texts
 from fed_clients.evaluate import evaluate_prompt
@@ -82,16 +82,7 @@ def final_report(site: SiteClient, task: Task) -> EvalReport | None:
     val = (
         evaluate_prompt(site.model, spec, prepared.val, z=z, projection=projection) if prepared.val else None
     )
-    if test is None and val is None:
-        return None
-    return EvalReport(
-        test_accuracy=test.accuracy if test else None,
-        n_test=test.n if test else 0,
-        test_loss=test.loss if test else None,
-        val_loss=val.loss if val else None,
-        val_accuracy=val.accuracy if val else None,
-        n_val=val.n if val else 0,
-    )
+    return eval_report(test, val)
 
 
 class _NoCoordinator:
