@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbpt_cli.experiments import tables
+from fedbpt_cli.experiments.figures import save_figure
 from fedbpt_cli.experiments.forms import forms_section, refresh_block
 from fedbpt_cli.experiments.grid import LABELS, METHODS, Grid, cells, partition_name
 from fedbpt_cli.experiments.records import CellResult
@@ -169,11 +170,7 @@ def plot_by_shots(points: dict[tuple[str, str, int], tables.Stat], path: Path) -
                ylabel="selected prompt, test accuracy (%)")  # fmt: skip
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 LINKS = ("coordinator_to_client", "client_to_coordinator", "client_to_service", "service_to_client")

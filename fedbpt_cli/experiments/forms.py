@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedbpt_cli.experiments import tables
+from fedbpt_cli.experiments.figures import save_figure
 from fedbpt_cli.experiments.records import CellResult
 
 BLOCK = re.compile(r"(<!-- fedbpt:covariance-forms -->\n).*?(<!-- /fedbpt:covariance-forms -->)", re.S)
@@ -73,11 +74,7 @@ def plot_forms(rows: Sequence[tables.FormRow], path: Path) -> Path:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: no overlapping labels
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def refresh_block(path: Path, lines: Sequence[str]) -> bool:
