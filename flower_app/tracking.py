@@ -1,4 +1,4 @@
-"""Round records as TensorBoard scalars, from either driver, with no dependency.
+"""Round records as TensorBoard scalars, from either driver (needs the ``tracking`` extra).
 
 - fedbpt's coordinator: ``python -m flower_app.tracking --coordinator URL --run RUN_ID --tensorboard DIR``
   reads the run's ``RoundRecord``s (``GET /v1/runs/{id}/rounds``, admin token from
@@ -9,18 +9,17 @@
   running) run's records from its checkpoint.
 
 Either way the scalars are the same tags (:data:`TAGS`: losses, accuracies, sigmas, bytes) at
-step = the round, so the two drivers' runs overlay in one TensorBoard. The event file format
-(TFRecord framing with masked CRC-32C around ``Event`` protocol buffers, each holding one
-``Summary`` of ``simple_value``s) is written here directly: a TensorBoard writer library would pull
-in TensorFlow or (tensorboardX) import torch into a process that must not hold a model.
+step = the round, so the two drivers' runs overlay in one TensorBoard. The event files are written
+by the ``tensorboard`` package's own ``EventFileWriter`` (``pip install 'fedbpt[tracking]'``): it
+imports neither TensorFlow nor torch, so a strategy process stays free of model code (tensorboardX
+would import torch wherever torch is installed). It is imported only when a writer is made, so a
+Flower run without ``tensorboard-dir`` needs none of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
-import struct
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -59,28 +58,33 @@ def scalars(record: RoundLike) -> dict[str, float]:
 
 
 class EventWriter:
-    """One TensorBoard event file in ``logdir`` (created), scalars appended and flushed per step."""
+    """One TensorBoard event file in ``logdir`` (created), scalars appended and flushed per step, so
+    TensorBoard (or a reader) sees each round as soon as it closes."""
 
     def __init__(self, *, logdir: Path, suffix: str = "fedbpt") -> None:
+        try:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        except ImportError as exc:  # the extra is optional: say how to get it
+            raise ImportError(
+                "TensorBoard export needs the tensorboard package: pip install 'fedbpt[tracking]'"
+            ) from exc
         logdir.mkdir(parents=True, exist_ok=True)
-        now = time.time()
-        name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}.{suffix}"
-        self.path = logdir / name
-        self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
-        self._write(_event(now, 0, file_version="brain.Event:2"))
+        self._writer = EventFileWriter(str(logdir), filename_suffix=f".{suffix}")
 
     def add(self, step: int, values: Mapping[str, float], wall_time: float | None = None) -> None:
-        if values:
-            self._write(_event(time.time() if wall_time is None else wall_time, step, values=values))
-            self._file.flush()
+        if not values:
+            return
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()]
+        )
+        when = time.time() if wall_time is None else wall_time
+        self._writer.add_event(event_pb2.Event(wall_time=when, step=step, summary=summary))
+        self._writer.flush()
 
     def close(self) -> None:
-        self._file.close()
-
-    def _write(self, data: bytes) -> None:
-        header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", masked_crc32c(header)))
-        self._file.write(data + struct.pack("<I", masked_crc32c(data)))
+        self._writer.close()
 
 
 EXPORT_SUFFIX = "fedbpt-export"
@@ -100,64 +104,6 @@ def export(records: Iterable[RoundLike], logdir: Path) -> int:
     finally:
         writer.close()
     return count
-
-
-# ----- the wire format: protocol buffers by hand (fields of tensorflow's Event and Summary) -----
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1  # int64 fields: two's complement, as protobuf encodes negatives
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | wire_type) + payload
-
-
-def _bytes_field(number: int, data: bytes) -> bytes:
-    return _field(number, 2, _varint(len(data)) + data)
-
-
-def _event(
-    wall_time: float, step: int, *, file_version: str = "", values: Mapping[str, float] | None = None
-) -> bytes:
-    """Event{1: double wall_time, 2: int64 step, 3: string file_version, 5: Summary summary};
-    Summary{1: repeated Value}; Value{1: string tag, 2: float simple_value}."""
-    out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version:
-        out += _bytes_field(3, file_version.encode())
-    if values:
-        summary = b"".join(
-            _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", v)))
-            for tag, v in values.items()
-        )
-        out += _bytes_field(5, summary)
-    return out
-
-
-def _crc_table() -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # CRC-32C (Castagnoli), reflected
-        table.append(crc)
-    return table
-
-
-_TABLE = _crc_table()
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's checksum: CRC-32C, rotated right by 15 bits plus a constant."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 # ----- the command -----

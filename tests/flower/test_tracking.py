@@ -1,35 +1,24 @@
-"""Round records as TensorBoard event files (flower_app/tracking.py), read back with tensorboardX's
-own protocol buffer definitions and checksum (an independent implementation of the format)."""
+"""Round records as TensorBoard event files (flower_app/tracking.py), read back with TensorBoard's
+own loader (which checks each record's checksums), as TensorBoard itself reads them."""
 
 from __future__ import annotations
 
-import struct
+import sys
 from pathlib import Path
 
 import pytest
 
 from flower_app.checkpoint import RoundSummary
-from flower_app.tracking import TAGS, EventWriter, export, main, masked_crc32c
+from flower_app.tracking import TAGS, EventWriter, export, main
 from protos import RoundRecord
 
-tensorboardX = pytest.importorskip("tensorboardX", reason="in the dev extra: the reference reader")
-from tensorboardX.proto import event_pb2  # noqa: E402
-from tensorboardX.record_writer import masked_crc32c as reference_crc  # noqa: E402
+pytest.importorskip("tensorboard", reason="the tracking extra (in .[dev])")
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+from tensorboard.compat.proto import event_pb2
 
 
 def read_events(path: Path) -> list[event_pb2.Event]:
-    """Every record of a TFRecord file, its two checksums checked by tensorboardX's code."""
-    data = path.read_bytes()
-    events, i = [], 0
-    while i < len(data):
-        header = data[i : i + 8]
-        (length,) = struct.unpack("<Q", header)
-        assert struct.unpack("<I", data[i + 8 : i + 12])[0] == reference_crc(header)
-        body = data[i + 12 : i + 12 + length]
-        assert struct.unpack("<I", data[i + 12 + length : i + 16 + length])[0] == reference_crc(body)
-        events.append(event_pb2.Event.FromString(body))
-        i += 16 + length
-    return events
+    return list(LegacyEventFileLoader(str(path)).Load())  # the events as written
 
 
 def scalars_by_step(events: list[event_pb2.Event]) -> dict[int, dict[str, float]]:
@@ -40,9 +29,12 @@ def scalars_by_step(events: list[event_pb2.Event]) -> dict[int, dict[str, float]
     return out
 
 
-def test_crc32c_is_castagnolis() -> None:
-    for data in (b"", b"123456789", bytes(range(256)) * 3):
-        assert masked_crc32c(data) == reference_crc(data)
+def test_without_the_extra_the_writer_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard.summary.writer.event_file_writer", None)
+    with pytest.raises(ImportError, match=r"pip install 'fedbpt\[tracking\]'"):
+        EventWriter(logdir=tmp_path)
 
 
 def test_records_of_both_drivers_become_the_same_tags(tmp_path: Path) -> None:
