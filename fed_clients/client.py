@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from fed_clients.data import LabeledTexts
 from fed_clients.evaluate import EvalResult, evaluate_prompt
 from fed_clients.inputs import EncodedSplit, encode_split, hold_out, input_budget
 from fed_clients.model_api import ModelService
-from fed_clients.perturb import Perturber
+from fed_clients.perturb import PerturbedCopy, Perturber
 from fed_clients.presets import ResolvedTask, resolve_config
 from fed_clients.training import LocalResult, make_score_fn, train_locally
 from fed_clients.transport import Conflict, FatalServiceError
@@ -198,28 +199,7 @@ class SiteClient:
         started = time.monotonic()
         before = self.model.traffic.copy()
         prepared = self.prepare(config)
-
-        metrics: dict[str, float | int | None] = {}
-        if task.evaluate and prepared.test is not None:
-            result = self._evaluate(prepared, task.state.mean.numpy(), config.projection)
-            metrics.update(test_accuracy=result.accuracy, test_loss=result.loss, n_test=result.n)
-            log.info("round %d: global mean test accuracy %.4f (n=%d)", task.round, result.accuracy, result.n)
-        if prepared.val is not None:  # every round: what selection reads (no training on it)
-            val = self._evaluate(prepared, task.state.mean.numpy(), config.projection, prepared.val)
-            metrics.update(val_loss=val.loss, val_accuracy=val.accuracy, n_val=val.n)
-            log.info("round %d: global mean validation loss %.4f (n=%d)", task.round, val.loss, val.n)
-
-        info = self.model.info()
-        perturbed = None
-        if config.perturb:
-            specials = set(info.special_token_ids)
-            if info.mask_token_id is not None:
-                specials.add(info.mask_token_id)
-            perturber = Perturber(
-                info.vocab_size, tuple(sorted(specials)), config.perturb_rate, config.perturb_scope
-            )
-            perturbed = perturber.copy(prepared.train.input_ids, config.seed, task.round, self.client_key)
-
+        metrics = self._score_global_state(task, prepared)
         seed = task.client_seed if task.client_seed is not None else config.seed
         result_local: LocalResult = train_locally(
             make_score_fn(self.model, prepared.task.spec, config.projection),
@@ -230,7 +210,7 @@ class SiteClient:
             iters=config.local_iters,
             seed=seed,
             loss=config.loss,
-            perturbed=perturbed,
+            perturbed=self._perturbed_inputs(config, prepared, task.round),
         )
         traffic = self.model.traffic.since(before)
         seconds = time.monotonic() - started
@@ -252,12 +232,7 @@ class SiteClient:
             metrics=ClientMetrics(
                 train_loss=result_local.train_loss,
                 train_accuracy=result_local.train_accuracy,
-                test_accuracy=_float(metrics.get("test_accuracy")),
-                test_loss=_float(metrics.get("test_loss")),
-                n_test=int(metrics.get("n_test") or 0),
-                val_loss=_float(metrics.get("val_loss")),
-                val_accuracy=_float(metrics.get("val_accuracy")),
-                n_val=int(metrics.get("n_val") or 0),
+                **metrics,
                 service_calls=traffic.calls,
                 service_rows=traffic.rows,
                 service_bytes_sent=traffic.bytes_sent,
@@ -265,6 +240,37 @@ class SiteClient:
                 seconds=seconds,
             ),
         )
+
+    def _score_global_state(self, task: Task, prepared: Prepared) -> dict[str, Any]:
+        """The received global state on the test split (when the task asks) and on the validation
+        split (every round: what selection reads; no training on it), as ``ClientMetrics`` fields."""
+        assert task.state is not None and task.config is not None
+        mean, projection = task.state.mean.numpy(), task.config.projection
+        metrics: dict[str, Any] = {}
+        if task.evaluate and prepared.test is not None:
+            result = self._evaluate(prepared, mean, projection)
+            metrics.update(test_accuracy=result.accuracy, test_loss=result.loss, n_test=result.n)
+            log.info("round %d: global mean test accuracy %.4f (n=%d)", task.round, result.accuracy, result.n)
+        if prepared.val is not None:
+            val = self._evaluate(prepared, mean, projection, prepared.val)
+            metrics.update(val_loss=val.loss, val_accuracy=val.accuracy, n_val=val.n)
+            log.info("round %d: global mean validation loss %.4f (n=%d)", task.round, val.loss, val.n)
+        return metrics
+
+    def _perturbed_inputs(self, config: RunConfig, prepared: Prepared, round_: int) -> PerturbedCopy | None:
+        """This round's perturbed copy of the training inputs (None without perturbation), keyed on
+        the run seed, the round and the site's key; replacements never draw the model's special or
+        mask tokens."""
+        if not config.perturb:
+            return None
+        info = self.model.info()
+        specials = set(info.special_token_ids)
+        if info.mask_token_id is not None:
+            specials.add(info.mask_token_id)
+        perturber = Perturber(
+            info.vocab_size, tuple(sorted(specials)), config.perturb_rate, config.perturb_scope
+        )
+        return perturber.copy(prepared.train.input_ids, config.seed, round_, self.client_key)
 
     # ----- done -----
     def handle_done(self, run_id: str, task: Task) -> EvalResult | None:
@@ -356,7 +362,3 @@ class SiteClient:
         split = split if split is not None else prepared.test
         assert split is not None
         return evaluate_prompt(self.model, prepared.task.spec, split, z=z, projection=projection)
-
-
-def _float(value: float | int | None) -> float | None:
-    return None if value is None else float(value)
