@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -135,21 +135,32 @@ def create_app(settings: ServiceSettings | None = None, backend: Backend | None 
         max_body_bytes=settings.max_body_bytes,
         metrics=state.metrics,
     )
+    app.exception_handler(ServiceError)(_service_error)
+    app.exception_handler(RequestValidationError)(_invalid)
+    app.include_router(_health_routes(state))
+    app.include_router(_scoring_routes(state))
+    app.include_router(_handle_routes(state))
+    return app
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_detail(exc.errors())}, status_code=422)
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
 
-    @app.get("/healthz")
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"detail": _validation_detail(exc.errors())}, status_code=422)
+
+
+def _health_routes(state: ServiceState) -> APIRouter:
+    """Liveness, readiness (the model loaded and its worker running) and Prometheus metrics."""
+    router = APIRouter()
+
+    @router.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @router.get("/readyz")
     async def readyz() -> JSONResponse:
         state.ensure_started()
         failure = state.backend.failure() if state.backend is not None else None
@@ -166,78 +177,94 @@ def create_app(settings: ServiceSettings | None = None, backend: Backend | None 
             detail = "the model worker is not running"
         return JSONResponse({"detail": detail}, status_code=503)
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/model", response_model=ModelInfo)
+    return router
+
+
+async def _scored(state: ServiceState, request: ScoreRequest) -> ScoreResponse:
+    """One score request through the scheduler (requests queued together may share passes)."""
+    scorer = state.ready_scorer()
+    try:
+        result: ScoreResponse = await state.scheduler.submit_merged(request, scorer.score_many, key="score")
+    except torch.OutOfMemoryError as exc:
+        raise Unavailable(
+            f"out of memory scoring {request.num_prompts * request.num_inputs} rows; "
+            "retry with fewer rows (or lower FEDBPT_MAX_BATCH_TOKENS)"
+        ) from exc
+    state.metrics.rows_scored.inc(result.rows)
+    return result
+
+
+def _answer(state: ServiceState, result: ScoreResponse) -> Response:
+    state.metrics.score_requests.inc()
+    # Built here, not re-validated by FastAPI: the logits array is encoded once.
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+def _scoring_routes(state: ServiceState) -> APIRouter:
+    """The model's public description, tokenisation and the stateless score route."""
+    router = APIRouter()
+
+    @router.get("/v1/model", response_model=ModelInfo)
     async def model_info() -> ModelInfo:
         return state.ready_scorer().model_info()
 
-    @app.post("/v1/tokenize", response_model=TokenizeResponse)
+    @router.post("/v1/tokenize", response_model=TokenizeResponse)
     async def tokenize(request: TokenizeRequest) -> Response:
         scorer = state.ready_scorer()
         ids = await run_in_threadpool(scorer.tokenize, request.texts)
         return Response(TokenizeResponse(input_ids=ids).model_dump_json(), media_type="application/json")
 
-    async def _scored(request: ScoreRequest) -> ScoreResponse:
-        scorer = state.ready_scorer()
-        try:
-            # Requests queued together (several clients) may share forward passes.
-            result: ScoreResponse = await state.scheduler.submit_merged(
-                request, scorer.score_many, key="score"
-            )
-        except torch.OutOfMemoryError as exc:
-            raise Unavailable(
-                f"out of memory scoring {request.num_prompts * request.num_inputs} rows; "
-                "retry with fewer rows (or lower FEDBPT_MAX_BATCH_TOKENS)"
-            ) from exc
-        state.metrics.rows_scored.inc(result.rows)
-        return result
-
-    def _answer(result: ScoreResponse) -> Response:
-        state.metrics.score_requests.inc()
-        # Built here, not re-validated by FastAPI: the logits array is encoded once.
-        return Response(result.model_dump_json(), media_type="application/json")
-
-    @app.post("/v1/score", response_model=ScoreResponse)
+    @router.post("/v1/score", response_model=ScoreResponse)
     async def score(request: ScoreRequest) -> Response:
-        return _answer(await _scored(request))
+        return _answer(state, await _scored(state, request))
 
-    def _handles_on() -> None:
-        if settings.input_cache_bytes <= 0:
+    return router
+
+
+def _check_vocabulary(ids: np.ndarray, lengths: np.ndarray, vocab: int) -> None:
+    """BadRequest naming the first input and token whose id lies outside the vocabulary."""
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        i = int(np.flatnonzero((ids < 0) | (ids >= vocab))[0])
+        b = int(np.searchsorted(np.cumsum(lengths), i, side="right"))
+        start = int(lengths[:b].sum())
+        raise BadRequest(
+            f"input {b}, token {i - start}: id {int(ids[i])} is outside the vocabulary [0, {vocab})"
+        )
+
+
+def _handle_routes(state: ServiceState) -> APIRouter:
+    """Inputs registered once per tenant, then scored by handle (docs/inference_service.md)."""
+    router = APIRouter()
+
+    def handles_on() -> None:
+        if state.settings.input_cache_bytes <= 0:
             raise ServiceError("input handles are off on this service (FEDBPT_INPUT_CACHE_BYTES=0)", 404)
 
-    @app.post("/v1/inputs", response_model=InputsHandle)
+    @router.post("/v1/inputs", response_model=InputsHandle)
     async def register_inputs(body: InputsRegistration, request: Request) -> InputsHandle:
-        _handles_on()
+        handles_on()
         scorer = state.ready_scorer()
-        ids = body.ids.numpy()
-        vocab = scorer.info.vocab_size
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            lengths = body.lengths.numpy()
-            i = int(np.flatnonzero((ids < 0) | (ids >= vocab))[0])
-            b = int(np.searchsorted(np.cumsum(lengths), i, side="right"))
-            start = int(lengths[:b].sum())
-            raise BadRequest(
-                f"input {b}, token {i - start}: id {int(ids[i])} is outside the vocabulary [0, {vocab})"
-            )
-        handle = body.handle
+        ids, lengths = body.ids.numpy(), body.lengths.numpy()
+        _check_vocabulary(ids, lengths, scorer.info.vocab_size)
         try:
-            entry = state.inputs.put(request.scope.get(TENANT_KEY, ""), handle, ids, body.lengths.numpy())
+            entry = state.inputs.put(request.scope.get(TENANT_KEY, ""), body.handle, ids, lengths)
         except InputsTooLarge as exc:
             raise ServiceError(f"{exc}; send them with POST /v1/score instead", 413) from None
         return InputsHandle(
-            handle=handle,
+            handle=body.handle,
             num_inputs=entry.num_inputs,
             num_ids=int(entry.ids.size),
             stored_bytes=entry.nbytes,
             ttl_s=state.inputs.ttl_s,
         )
 
-    @app.post("/v1/score/handle", response_model=ScoreResponse)
+    @router.post("/v1/score/handle", response_model=ScoreResponse)
     async def score_handle(body: HandleScoreRequest, request: Request) -> Response:
-        _handles_on()
+        handles_on()
         state.ready_scorer()
         tenant = request.scope.get(TENANT_KEY, "")
         entries = [state.inputs.get(tenant, part.handle) for part in body.parts]
@@ -262,10 +289,10 @@ def create_app(settings: ServiceSettings | None = None, backend: Backend | None 
                 texts=None,
                 perturb_template=part.perturb_template,
             )
-            results.append(await _scored(scored))
-        return _answer(joined_parts(results))
+            results.append(await _scored(state, scored))
+        return _answer(state, joined_parts(results))
 
-    return app
+    return router
 
 
 def joined_parts(results: list[ScoreResponse]) -> ScoreResponse:
