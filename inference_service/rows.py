@@ -51,8 +51,8 @@ def assemble(
     """Build the B sequences; BadRequest if any is longer than ``max_length``, saying by how much.
     The prompt slot holds ``codec.prompt_ids(prompt_length, init_text)`` (p0's tokens)."""
     head_ids = list(codec.prefix_special)
-    # The causal head scores the position after the last token: nothing may follow the template.
-    tail_ids = [] if task.head == "causal" else list(codec.suffix_special)
+    rules = task.rules
+    tail_ids = list(codec.suffix_special) if rules.closing_specials else []
     try:
         prompt_ids = codec.prompt_ids(prompt_length, init_text) if prompt_length else []
     except ValueError as exc:
@@ -77,7 +77,7 @@ def assemble(
         seq.extend(tail_ids)
         sequences.append(seq)
         spans.append(span)
-        score_index.append(mask_at if task.head == "mlm" else (len(seq) - 1 if task.head == "causal" else 0))
+        score_index.append(rules.score_index(len(seq), mask_at))
 
     too_long = [(b, len(s)) for b, s in enumerate(sequences) if len(s) > max_length]
     if too_long:

@@ -266,7 +266,7 @@ class Scorer:
         return responses
 
     def logits(self, batch: RowBatch, task: CompiledTask) -> torch.Tensor:
-        if task.head != "embedding":
+        if task.rules.reads_label_logits:
             return self.backend.label_logits(batch)
         anchors = self.anchor_embeddings(task)
         pooled = torch.nn.functional.normalize(self.backend.sentence_embeddings(batch), dim=-1)

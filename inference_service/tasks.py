@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from inference_service.errors import BadRequest
+from inference_service.heads import HEADS, HeadRules
 from inference_service.text import TextCodec
 from protos.scoring import INPUT_SLOT, MASK_SLOT, Head, TaskSpec
 
@@ -46,44 +46,25 @@ class CompiledTask:
     def num_labels(self) -> int:
         return len(self.labels)
 
+    @property
+    def rules(self) -> HeadRules:
+        """What the head means for rows of this task (heads.py)."""
+        return HEADS[self.head]
+
 
 def compile_task(task: TaskSpec, head: Head, codec: TextCodec, max_length: int) -> CompiledTask:
     """Check the template and labels against the head and tokenise them; BadRequest says why not."""
-    template = _template_for_head(task.template, head, codec)
-    labels = tuple(task.labels)
-    pieces = _pieces(template, codec)
-    compiled = CompiledTask(head=head, template=task.template, labels=labels, pieces=pieces)
-    if head == "embedding":
-        compiled.anchor_ids = _anchor_ids(labels, codec, max_length)
-    else:
-        compiled.label_ids = _label_ids(labels, head, codec)
-    return compiled
-
-
-def _template_for_head(template: str, head: Head, codec: TextCodec) -> str:
-    """The template the head scores (causal: cut at its trailing answer slot), or BadRequest."""
-    has_mask = MASK_SLOT in template
-    if head == "mlm":
-        if not has_mask:
-            raise BadRequest(
-                f"the mlm head scores the {MASK_SLOT} position; the template has none: {template!r}"
-            )
-        if codec.mask_token_id is None:
-            raise BadRequest("this model's tokenizer has no mask token; it cannot serve the mlm head")
-    elif head == "causal" and has_mask:
-        before, after = template.split(MASK_SLOT, 1)
-        if after.strip():
-            raise BadRequest(
-                f"for the causal head {MASK_SLOT} marks the answer position and must end the template; "
-                f"found {after!r} after it"
-            )
-        return before
-    elif head == "embedding" and has_mask:
-        raise BadRequest(
-            f"the embedding head compares the pooled input with the label anchors; remove {MASK_SLOT} "
-            f"from the template {template!r}"
-        )
-    return template
+    rules = HEADS[head]
+    pieces = _pieces(rules.scored_template(task.template, codec), codec)
+    spec = rules.labels(task.labels, codec, max_length)
+    return CompiledTask(
+        head=head,
+        template=task.template,
+        labels=tuple(task.labels),
+        pieces=pieces,
+        label_ids=spec.label_ids,
+        anchor_ids=spec.anchor_ids,
+    )
 
 
 def _pieces(template: str, codec: TextCodec) -> tuple[Piece, ...]:
@@ -105,40 +86,6 @@ def _pieces(template: str, codec: TextCodec) -> tuple[Piece, ...]:
             if ids:
                 pieces.append(Piece("text", tuple(ids)))
     return tuple(pieces)
-
-
-def _anchor_ids(labels: tuple[str, ...], codec: TextCodec, max_length: int) -> tuple[tuple[int, ...], ...]:
-    """The embedding head's label anchors: each label sentence as a whole model input."""
-    rows = []
-    for label in labels:
-        ids = codec.encode(label.strip())
-        if not ids:
-            raise BadRequest(f"label anchor {label!r} tokenises to no tokens")
-        row = (*codec.prefix_special, *ids, *codec.suffix_special)
-        if len(row) > max_length:
-            raise BadRequest(
-                f"label anchor {label!r} is {len(row)} tokens; the model's max_length is {max_length}"
-            )
-        rows.append(row)
-    return tuple(rows)
-
-
-def _label_ids(labels: tuple[str, ...], head: Head, codec: TextCodec) -> tuple[int, ...]:
-    """One distinct vocabulary id per label word. mlm: BBT's verbaliser, the word's first token
-    without a leading space; causal: the first token of the word as it follows the template."""
-    words = [label.strip() for label in labels]
-    encoded = [codec.encode(w) for w in words] if head == "mlm" else codec.encode_in_context(words)
-    seen: dict[int, str] = {}
-    for label, ids in zip(labels, encoded, strict=True):
-        if not ids:
-            raise BadRequest(f"label word {label!r} tokenises to no tokens")
-        if ids[0] in seen:
-            raise BadRequest(
-                f"label words {seen[ids[0]]!r} and {label!r} both start with token id {ids[0]}; "
-                "their logits would be identical"
-            )
-        seen[ids[0]] = label
-    return tuple(seen)
 
 
 class TaskCache:
