@@ -2,9 +2,10 @@
 link (registered inputs + handle calls), measured by the clients' own counters
 (``ClientMetrics.service_bytes_sent/received``: the lengths of the real bodies).
 
-Runs ``fedbpt simulate`` twice on the same federation, once with ``FEDBPT_INPUT_HANDLES=false``
-(every score call carries its ids: the stateless ``/v1/score``) and once with the default (handles),
-and prints the mean bytes per client and round each way and the ratios.
+Runs ``fedbpt simulate`` three times on the same federation: with ``FEDBPT_INPUT_HANDLES=false``
+and ``FEDBPT_SCORE_FRAMES=false`` (every score call carries its ids, the logits come back as JSON:
+the link before it was made lean), with handles and JSON answers, and with the defaults (handles,
+logits as binary score frames); prints the mean bytes per client and round each way and the ratios.
 
     python benchmarks/bench_lean_link.py --data ../shared/data/ag_news --out runs/bench-lean
 """
@@ -19,9 +20,15 @@ import sys
 from pathlib import Path
 
 
-def run(data: str, out: Path, handles: bool, args: argparse.Namespace) -> dict[str, list[float]]:
+def run(
+    data: str, out: Path, handles: bool, frames: bool, args: argparse.Namespace
+) -> dict[str, list[float]]:
     """Mean bytes per client in each round, each way: {"client_to_service": [round 0, ..], ..}."""
-    env = {**os.environ, "FEDBPT_INPUT_HANDLES": "true" if handles else "false"}
+    env = {
+        **os.environ,
+        "FEDBPT_INPUT_HANDLES": "true" if handles else "false",
+        "FEDBPT_SCORE_FRAMES": "true" if frames else "false",
+    }
     argv = [
         sys.executable, "-c", "from fedbpt_cli.main import app; app()", "simulate",
         "--task", args.task, "--data", data, "--out", str(out), "--clients", str(args.clients),
@@ -60,18 +67,24 @@ def main() -> None:
     parser.add_argument("--intrinsic-dim", type=int, default=100, help="d (the grid's 100)")
     parser.add_argument("--prompt-length", type=int, default=5, help="L (the grid's 5)")
     args = parser.parse_args()
-    before = run(args.data, args.out / "stateless", False, args)
-    after = run(args.data, args.out / "handles", True, args)
+    runs = {
+        "stateless": run(args.data, args.out / "stateless", False, False, args),
+        "handles": run(args.data, args.out / "handles", True, False, args),
+        "frames": run(args.data, args.out / "frames", True, True, args),
+    }
+    before = runs["stateless"]
     print(f"{args.task}, {args.clients} clients x {args.rounds} rounds, {args.k_shot} shots per class")
-    print("bytes per client and round (ClientMetrics), stateless -> handles")
-    print(f"{'round':<6} {'link':<20} {'stateless':>12} {'handles':>12} {'ratio':>8}")
+    print(
+        "bytes per client and round (ClientMetrics): stateless + JSON -> handles + JSON -> handles + frames"
+    )
+    print(f"{'round':<6} {'link':<20} {'stateless':>12} {'handles':>12} {'frames':>12} {'ratio':>8}")
     for r in range(len(before["client_to_service"])):
         for key in ("client_to_service", "service_to_client"):
-            b, a = before[key][r], after[key][r]
-            print(f"{r:<6} {key:<20} {b:>12,.0f} {a:>12,.0f} {b / a:>7.2f}x")
+            b, h, f = (runs[name][key][r] for name in ("stateless", "handles", "frames"))
+            print(f"{r:<6} {key:<20} {b:>12,.0f} {h:>12,.0f} {f:>12,.0f} {b / f:>7.2f}x")
     for key in ("client_to_service", "service_to_client"):
-        b, a = (sum(x[key]) / len(x[key]) for x in (before, after))
-        print(f"{'mean':<6} {key:<20} {b:>12,.0f} {a:>12,.0f} {b / a:>7.2f}x")
+        b, h, f = (sum(runs[n][key]) / len(runs[n][key]) for n in ("stateless", "handles", "frames"))
+        print(f"{'mean':<6} {key:<20} {b:>12,.0f} {h:>12,.0f} {f:>12,.0f} {b / f:>7.2f}x")
 
 
 if __name__ == "__main__":

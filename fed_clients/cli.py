@@ -172,7 +172,10 @@ def client(
     site = SiteClient(
         CoordinatorService(coordinator_http),
         ModelService(
-            model_http, max_ids_per_call=settings.max_ids_per_call, input_handles=settings.input_handles
+            model_http,
+            max_ids_per_call=settings.max_ids_per_call,
+            input_handles=settings.input_handles,
+            score_frames=settings.score_frames,
         ),
         train,
         test,
@@ -247,7 +250,10 @@ def evaluate(
         prompts = _load_prompts(run_prompt, settings, state or []) if run_prompt else {}
         prompt = next(iter(prompts.values()), None)
         model = ModelService(
-            model_http, max_ids_per_call=settings.max_ids_per_call, input_handles=settings.input_handles
+            model_http,
+            max_ids_per_call=settings.max_ids_per_call,
+            input_handles=settings.input_handles,
+            score_frames=settings.score_frames,
         )
         head = model.info().head
         task_name = task or (prompt.task if prompt else "sst2")

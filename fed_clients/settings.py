@@ -47,6 +47,11 @@ class ClientSettings(BaseSettings):
         description="register inputs once and score against their handle where the service offers it "
         "(false: every score call carries its ids)",
     )
+    score_frames: bool = Field(
+        default=True,
+        description="ask for the logits as a binary frame (the same numbers without base64; protos/frames.py) "
+        "where the service sends it (false: JSON)",
+    )
     ca_file: str | None = Field(
         default=None,
         description="PEM bundle to verify the services' TLS certificates (default: the system's)",

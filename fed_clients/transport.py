@@ -171,16 +171,20 @@ class JsonService:
         params: Mapping[str, Any] | None = None,
         timeout_s: float | None = None,
     ) -> M:
-        return self._parse(self.request("GET", path, params=params, timeout_s=timeout_s), model)
+        return self.parse(self.request("GET", path, params=params, timeout_s=timeout_s), model)
 
     def post(self, path: str, body: BaseModel, model: type[M], timeout_s: float | None = None) -> M:
-        return self._parse(self.post_raw(path, body, timeout_s=timeout_s), model)
+        return self.parse(self.post_raw(path, body, timeout_s=timeout_s), model)
 
-    def post_raw(self, path: str, body: BaseModel, timeout_s: float | None = None) -> httpx.Response:
+    def post_raw(
+        self, path: str, body: BaseModel, timeout_s: float | None = None, accept: str | None = None
+    ) -> httpx.Response:
+        """POST ``body`` as JSON; ``accept``: the media types asked for (default: the server's)."""
         content = body.model_dump_json(exclude_none=True).encode()
-        return self.request("POST", path, content=content, timeout_s=timeout_s)
+        return self.request("POST", path, content=content, timeout_s=timeout_s, accept=accept)
 
-    def _parse(self, response: httpx.Response, model: type[M]) -> M:
+    def parse(self, response: httpx.Response, model: type[M]) -> M:
+        """The JSON body of ``response`` as ``model``; FatalServiceError where it is not one."""
         try:
             return model.model_validate_json(response.content)
         except ValidationError as exc:
@@ -205,10 +209,14 @@ class JsonService:
         content: bytes | None = None,
         params: Mapping[str, Any] | None = None,
         timeout_s: float | None = None,
+        accept: str | None = None,
     ) -> httpx.Response:
         """Send until a 2xx (returned), a 4xx (raised) or the retry budget is spent (raised)."""
         kwargs: dict[str, Any] = {"content": content, "params": params}
-        kwargs["headers"] = {"Content-Type": "application/json"} if content is not None else None
+        headers = {"Content-Type": "application/json"} if content is not None else {}
+        if accept is not None:
+            headers["Accept"] = accept
+        kwargs["headers"] = headers or None
         if timeout_s is not None:
             kwargs["timeout"] = httpx.Timeout(timeout_s, connect=self.connect_timeout_s)
         started = time.monotonic()

@@ -30,6 +30,7 @@ from inference_service.scheduler import Scheduler
 from inference_service.scoring import Scorer
 from inference_service.settings import ServiceSettings
 from protos.arrays import Array
+from protos.frames import SCORE_FRAME, accepts_frame, encode_score_frame
 from protos.inputs import HandleScoreRequest, InputsHandle, InputsRegistration
 from protos.scoring import ModelInfo, ScoreRequest, ScoreResponse, TokenizeRequest, TokenizeResponse
 
@@ -198,10 +199,19 @@ async def _scored(state: ServiceState, request: ScoreRequest) -> ScoreResponse:
     return result
 
 
-def _answer(state: ServiceState, result: ScoreResponse) -> Response:
+def _answer(state: ServiceState, result: ScoreResponse, http: Request) -> Response:
+    """JSON, or the binary score frame where the request's Accept asks for it (protos/frames.py)."""
     state.metrics.score_requests.inc()
+    if accepts_frame(http.headers.get("accept")):
+        return Response(encode_score_frame(result), media_type=SCORE_FRAME)
     # Built here, not re-validated by FastAPI: the logits array is encoded once.
     return Response(result.model_dump_json(), media_type="application/json")
+
+
+# OpenAPI: the score routes' other answer, for a request whose Accept names the frame.
+FRAME_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {SCORE_FRAME: {"schema": {"type": "string", "format": "binary"}}}},
+}
 
 
 def _scoring_routes(state: ServiceState) -> APIRouter:
@@ -218,9 +228,9 @@ def _scoring_routes(state: ServiceState) -> APIRouter:
         ids = await run_in_threadpool(scorer.tokenize, request.texts)
         return Response(TokenizeResponse(input_ids=ids).model_dump_json(), media_type="application/json")
 
-    @router.post("/v1/score", response_model=ScoreResponse)
-    async def score(request: ScoreRequest) -> Response:
-        return _answer(state, await _scored(state, request))
+    @router.post("/v1/score", response_model=ScoreResponse, responses=FRAME_RESPONSE)
+    async def score(request: ScoreRequest, http: Request) -> Response:
+        return _answer(state, await _scored(state, request), http)
 
     return router
 
@@ -262,7 +272,7 @@ def _handle_routes(state: ServiceState) -> APIRouter:
             ttl_s=state.inputs.ttl_s,
         )
 
-    @router.post("/v1/score/handle", response_model=ScoreResponse)
+    @router.post("/v1/score/handle", response_model=ScoreResponse, responses=FRAME_RESPONSE)
     async def score_handle(body: HandleScoreRequest, request: Request) -> Response:
         handles_on()
         state.ready_scorer()
@@ -290,7 +300,7 @@ def _handle_routes(state: ServiceState) -> APIRouter:
                 perturb_template=part.perturb_template,
             )
             results.append(await _scored(state, scored))
-        return _answer(state, joined_parts(results))
+        return _answer(state, joined_parts(results), request)
 
     return router
 

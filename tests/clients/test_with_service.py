@@ -7,7 +7,7 @@ import json
 import re
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -24,8 +24,17 @@ from fed_clients.presets import ResolvedTask, resolve_task
 from fed_clients.training import make_score_fn, train_locally
 from fed_clients.transport import JsonService, RetryPolicy
 from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port
-from protos import Array, GlobalState, ProjectionSpec, PromptResponse, TemplatePerturbation
-from tests.clients.conftest import SST2_SAMPLE, write_jsonl
+from protos import (
+    Array,
+    GlobalState,
+    ProjectionSpec,
+    PromptResponse,
+    ScoreRequest,
+    ScoreResponse,
+    TaskSpec,
+    TemplatePerturbation,
+)
+from tests.clients.conftest import SST2_SAMPLE, StandIn, write_jsonl
 
 PROJECTION = ProjectionSpec(seed=7, intrinsic_dim=16, prompt_length=4)
 
@@ -274,3 +283,43 @@ def test_scoring_rides_out_a_real_service_restart(
         second.stop()
         http.close()
     np.testing.assert_allclose(after, before, atol=1e-5)
+
+
+def test_score_frames_carry_the_same_logits_in_fewer_bytes(
+    model_url: str, task: ResolvedTask, split: EncodedSplit
+) -> None:
+    """A site that asks for score frames (the default) gets the logits the JSON answers carry,
+    bit for bit, and receives fewer bytes: at least base64's third of the raw logits less.
+    Break seen to fail: ``ModelService._post_score`` not sending the Accept header (the same bytes
+    received both ways)."""
+    z = np.random.default_rng(3).normal(size=(5, 16))
+    got: dict[bool, tuple[np.ndarray, int]] = {}
+    for frames in (True, False):
+        http = JsonService(
+            "model service", model_url, timeout_s=120, retry=RetryPolicy(total_s=30, initial_s=0.1)
+        )
+        site = ModelService(http, score_frames=frames)
+        site.score(task.spec, split.input_ids, z=z, projection=PROJECTION)  # registers the inputs
+        before = site.traffic.copy()
+        logits = site.score(task.spec, split.input_ids, z=z, projection=PROJECTION)
+        got[frames] = (logits, site.traffic.since(before).bytes_received)
+        http.close()
+    assert got[True][0].tobytes() == got[False][0].tobytes()
+    raw = 5 * len(split.input_ids) * len(task.spec.labels) * 4
+    assert got[False][1] - got[True][1] >= 4 * -(-raw // 3) - raw
+
+
+def test_a_service_that_answers_json_is_read_as_json(stand_in: Callable[..., StandIn]) -> None:
+    """A service older than score frames ignores the Accept header and answers JSON: the site
+    reads it by its Content-Type. Break seen to fail: decoding every answer as a frame."""
+    logits = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
+    answer = ScoreResponse(logits=Array.from_numpy(logits), rows=6)
+    server = stand_in().start()
+    server.script.on("/v1/score", (200, json.loads(answer.model_dump_json())))
+    with JsonService("model service", server.url, retry=RetryPolicy(total_s=5, initial_s=0.1)) as http:
+        site = ModelService(http, score_frames=True, input_handles=False)
+        request = ScoreRequest(
+            task=TaskSpec(template="{input}", labels=["a", "b"]), input_ids=[[5], [6], [7]]
+        )
+        got = site._post_score("/v1/score", request)
+    assert got.logits.numpy().tobytes() == logits.tobytes()

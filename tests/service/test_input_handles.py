@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from inference_service.app import create_app
 from protos import Array, InputsRegistration, inputs_handle
+from protos.frames import SCORE_FRAME, decode_score_frame
 from protos.inputs import flatten_inputs
 from tests.service.conftest import TASKS, Zoo
 from tests.service.test_heads import SAME_ROW
@@ -332,3 +333,34 @@ def test_the_service_counts_body_bytes_per_route(bert: TestClient) -> None:
     assert counted("response", "/v1/score/handle") - got_before == len(answer.content)
     stateless = bert.post("/v1/score", json={**_prompt(), "input_ids": ids}, headers=AUTH_A)
     assert len(stateless.request.content) > 2 * len(answer.request.content)
+
+
+def test_a_client_that_asks_gets_the_logits_as_a_binary_frame(bert: TestClient) -> None:
+    """``Accept: application/vnd.fedbpt.score-frame`` on both score routes: the frame's logits are
+    the JSON answer's, bit for bit, without base64's third more bytes; without it, or with any other type,
+    JSON as before. Break seen to fail: ``_answer`` sending the frame to every caller (the JSON
+    answers' Content-Type)."""
+    frame = {**AUTH_A, "Accept": f"{SCORE_FRAME}, application/json;q=0.5"}
+    ids = _ids(bert, TEXTS)
+    handle = _register(bert, ids)
+    for route, extra in (
+        ("/v1/score", {"input_ids": ids}),
+        ("/v1/score/handle", {"parts": [{"handle": handle}]}),
+    ):
+        body = {**_prompt(), **extra}
+        as_json = bert.post(route, json=body, headers=AUTH_A)
+        assert as_json.headers["content-type"] == "application/json"
+        assert bert.post(route, json=body, headers={**AUTH_A, "Accept": "*/*"}).headers["content-type"] == (
+            "application/json"
+        )
+        as_frame = bert.post(route, json=body, headers=frame)
+        assert as_frame.status_code == 200
+        assert as_frame.headers["content-type"] == SCORE_FRAME
+        decoded = decode_score_frame(as_frame.content)
+        assert decoded.logits.numpy().tobytes() == _logits(as_json).tobytes()
+        assert decoded.rows == as_json.json()["rows"]
+        raw = decoded.logits.numpy().nbytes  # the frame saves base64's third at least
+        assert len(as_json.content) - len(as_frame.content) >= 4 * -(-raw // 3) - raw
+    # A bad request is still a JSON 4xx, whatever the client accepts.
+    refused = bert.post("/v1/score", json={**_prompt(), "input_ids": [[10**6]]}, headers=frame)
+    assert refused.status_code == 400 and "vocabulary" in refused.json()["detail"]
