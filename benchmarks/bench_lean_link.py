@@ -3,7 +3,7 @@ link (registered inputs + handle calls), measured by the clients' own counters
 (``ClientMetrics.service_bytes_sent/received``: the lengths of the real bodies).
 
 Runs ``fedbpt simulate`` three times on the same federation: with ``FEDBPT_INPUT_HANDLES=false``
-and ``FEDBPT_SCORE_FRAMES=false`` (every score call carries its ids, the logits come back as JSON:
+and ``FEDBPT_COMPACT_ANSWERS=false`` (every score call carries its ids, the logits come back as JSON:
 the link before it was made lean), with handles and JSON answers, and with the defaults (handles,
 logits as binary score frames); prints the mean bytes per client and round each way and the ratios.
 
@@ -27,7 +27,7 @@ def run(
     env = {
         **os.environ,
         "FEDBPT_INPUT_HANDLES": "true" if handles else "false",
-        "FEDBPT_SCORE_FRAMES": "true" if frames else "false",
+        "FEDBPT_COMPACT_ANSWERS": "true" if frames else "false",
     }
     argv = [
         sys.executable, "-c", "from fedbpt_cli.main import app; app()", "simulate",

@@ -175,7 +175,7 @@ def client(
             model_http,
             max_ids_per_call=settings.max_ids_per_call,
             input_handles=settings.input_handles,
-            score_frames=settings.score_frames,
+            compact_answers=settings.compact_answers,
         ),
         train,
         test,
@@ -253,7 +253,7 @@ def evaluate(
             model_http,
             max_ids_per_call=settings.max_ids_per_call,
             input_handles=settings.input_handles,
-            score_frames=settings.score_frames,
+            compact_answers=settings.compact_answers,
         )
         head = model.info().head
         task_name = task or (prompt.task if prompt else "sst2")

@@ -39,8 +39,8 @@ from protos import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from protos.frames import SCORE_FRAME, decode_score_frame
-from protos.inputs import flatten_inputs, ids_dtype, inputs_handle
+from protos.frames import PACKED_IDS, SCORE_FRAME, answered_as, decode_score_frame
+from protos.inputs import PackedIds, flatten_inputs, ids_dtype, inputs_handle
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,12 @@ class ModelService:
         http: JsonService,
         max_ids_per_call: int = DEFAULT_MAX_IDS_PER_CALL,
         input_handles: bool = True,
-        score_frames: bool = True,
+        compact_answers: bool = True,
     ) -> None:
         self.http = http
         self.max_ids_per_call = max_ids_per_call
         self.input_handles = input_handles  # False: always the stateless /v1/score
-        self.score_frames = score_frames  # False: logits as JSON (base64), never the binary frame
+        self.compact_answers = compact_answers  # False: the JSON forms (ids as lists, logits in base64)
         self._info: ModelInfo | None = None
         self._registered: OrderedDict[str, None] = OrderedDict()
         self._handles_refused = False
@@ -105,12 +105,12 @@ class ModelService:
         out: list[list[int]] = []
         for start in range(0, len(texts), TOKENIZE_CHUNK):
             chunk = list(texts[start : start + TOKENIZE_CHUNK])
-            response = self.http.post("/v1/tokenize", TokenizeRequest(texts=chunk), TokenizeResponse)
-            if len(response.input_ids) != len(chunk):
+            ids = self._tokenize_call(chunk)
+            if len(ids) != len(chunk):
                 raise FatalServiceError(
-                    self.http.name, f"tokenize returned {len(response.input_ids)} rows for {len(chunk)} texts"
+                    self.http.name, f"tokenize returned {len(ids)} rows for {len(chunk)} texts"
                 )
-            out.extend(response.input_ids)
+            out.extend(ids)
         return out
 
     def score(
@@ -183,13 +183,24 @@ class ModelService:
                 return np.split(logits, np.cumsum(widths)[:-1], axis=1)
         return [self.score(task, ids, z, projection, template) for ids, template in parts]
 
+    def _tokenize_call(self, texts: list[str]) -> list[list[int]]:
+        """One tokenize call; the ids packed (protos/frames.py: the smallest integer dtype, not
+        JSON lists) where this client asks and the service answers so, else as JSON lists."""
+        request = TokenizeRequest(texts=texts)
+        if not self.compact_answers:
+            return self.http.post("/v1/tokenize", request, TokenizeResponse).input_ids
+        response = self.http.post_raw("/v1/tokenize", request, accept=f"{PACKED_IDS}, application/json;q=0.5")
+        if answered_as(response.headers.get("content-type")) == PACKED_IDS:
+            return self.http.parse(response, PackedIds).input_ids()
+        return self.http.parse(response, TokenizeResponse).input_ids
+
     def _post_score(self, path: str, body: BaseModel) -> ScoreResponse:
         """One score call; the answer in the binary frame where this client asks for it and the
         service sends it (protos/frames.py: the same logits, a quarter fewer bytes), else JSON."""
-        if not self.score_frames:
+        if not self.compact_answers:
             return self.http.post(path, body, ScoreResponse)
         response = self.http.post_raw(path, body, accept=f"{SCORE_FRAME}, application/json;q=0.5")
-        if response.headers.get("content-type", "").split(";", 1)[0].strip() != SCORE_FRAME:
+        if answered_as(response.headers.get("content-type")) != SCORE_FRAME:
             return self.http.parse(response, ScoreResponse)  # a service that answers JSON only
         try:
             return decode_score_frame(response.content)

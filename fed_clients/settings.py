@@ -47,10 +47,11 @@ class ClientSettings(BaseSettings):
         description="register inputs once and score against their handle where the service offers it "
         "(false: every score call carries its ids)",
     )
-    score_frames: bool = Field(
+    compact_answers: bool = Field(
         default=True,
-        description="ask for the logits as a binary frame (the same numbers without base64; protos/frames.py) "
-        "where the service sends it (false: JSON)",
+        description="ask the service for compact answers where it offers them (protos/frames.py): token ids "
+        "packed in the smallest integer dtype, logits as a binary frame (the same numbers without base64); "
+        "false: the JSON forms",
     )
     ca_file: str | None = Field(
         default=None,

@@ -30,8 +30,8 @@ from inference_service.scheduler import Scheduler
 from inference_service.scoring import Scorer
 from inference_service.settings import ServiceSettings
 from protos.arrays import Array
-from protos.frames import SCORE_FRAME, accepts_frame, encode_score_frame
-from protos.inputs import HandleScoreRequest, InputsHandle, InputsRegistration
+from protos.frames import PACKED_IDS, SCORE_FRAME, accepts, encode_score_frame
+from protos.inputs import HandleScoreRequest, InputsHandle, InputsRegistration, PackedIds
 from protos.scoring import ModelInfo, ScoreRequest, ScoreResponse, TokenizeRequest, TokenizeResponse
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ async def _scored(state: ServiceState, request: ScoreRequest) -> ScoreResponse:
 def _answer(state: ServiceState, result: ScoreResponse, http: Request) -> Response:
     """JSON, or the binary score frame where the request's Accept asks for it (protos/frames.py)."""
     state.metrics.score_requests.inc()
-    if accepts_frame(http.headers.get("accept")):
+    if accepts(http.headers.get("accept"), SCORE_FRAME):
         return Response(encode_score_frame(result), media_type=SCORE_FRAME)
     # Built here, not re-validated by FastAPI: the logits array is encoded once.
     return Response(result.model_dump_json(), media_type="application/json")
@@ -211,6 +211,13 @@ def _answer(state: ServiceState, result: ScoreResponse, http: Request) -> Respon
 # OpenAPI: the score routes' other answer, for a request whose Accept names the frame.
 FRAME_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {SCORE_FRAME: {"schema": {"type": "string", "format": "binary"}}}},
+}
+PACKED_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {
+            PACKED_IDS: {"schema": PackedIds.model_json_schema(ref_template="#/components/schemas/{model}")}
+        }
+    },
 }
 
 
@@ -222,10 +229,13 @@ def _scoring_routes(state: ServiceState) -> APIRouter:
     async def model_info() -> ModelInfo:
         return state.ready_scorer().model_info()
 
-    @router.post("/v1/tokenize", response_model=TokenizeResponse)
-    async def tokenize(request: TokenizeRequest) -> Response:
+    @router.post("/v1/tokenize", response_model=TokenizeResponse, responses=PACKED_RESPONSE)
+    async def tokenize(request: TokenizeRequest, http: Request) -> Response:
         scorer = state.ready_scorer()
         ids = await run_in_threadpool(scorer.tokenize, request.texts)
+        if accepts(http.headers.get("accept"), PACKED_IDS):  # protos/frames.py
+            packed = PackedIds.pack(ids, scorer.info.vocab_size)
+            return Response(packed.model_dump_json(), media_type=PACKED_IDS)
         return Response(TokenizeResponse(input_ids=ids).model_dump_json(), media_type="application/json")
 
     @router.post("/v1/score", response_model=ScoreResponse, responses=FRAME_RESPONSE)

@@ -1,4 +1,11 @@
-"""A binary form of the score response, for the link that carries the most numbers back.
+"""Compact answers of the inference service, asked for with ``Accept`` (the JSON forms stay default).
+
+**Token ids.** ``POST /v1/tokenize`` answers ``TokenizeResponse`` (JSON lists of ints) unless the
+request's ``Accept`` names :data:`PACKED_IDS`; then it answers ``PackedIds`` (protos/inputs.py): one
+flat id array in the smallest dtype that holds the vocabulary, and the lengths, as
+``application/vnd.fedbpt.packed-ids+json`` (still JSON).
+
+**Score frames**, for the link that carries the most numbers back.
 
 ``POST /v1/score`` and ``POST /v1/score/handle`` answer JSON (``ScoreResponse``, its logits in
 base64) unless the request's ``Accept`` header names :data:`SCORE_FRAME`; then the body is one
@@ -26,14 +33,20 @@ from protos.arrays import ArrayError
 from protos.scoring import ScoreResponse
 
 SCORE_FRAME = "application/vnd.fedbpt.score-frame"
+PACKED_IDS = "application/vnd.fedbpt.packed-ids+json"
 _LENGTH = struct.Struct("<I")
 
 
-def accepts_frame(accept: str | None) -> bool:
-    """Whether an ``Accept`` header value names :data:`SCORE_FRAME`."""
+def accepts(accept: str | None, media_type: str) -> bool:
+    """Whether an ``Accept`` header value lists ``media_type`` (parameters such as q ignored)."""
     if not accept:
         return False
-    return any(part.split(";", 1)[0].strip().lower() == SCORE_FRAME for part in accept.split(","))
+    return any(part.split(";", 1)[0].strip().lower() == media_type for part in accept.split(","))
+
+
+def answered_as(content_type: str | None) -> str:
+    """The media type of a ``Content-Type`` header value, without its parameters."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
 
 
 def encode_score_frame(response: ScoreResponse) -> bytes:

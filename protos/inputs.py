@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Sequence
+from typing import Self
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -56,18 +57,19 @@ def flatten_inputs(input_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.n
     return ids, lengths
 
 
-class InputsRegistration(Strict):
-    """``POST /v1/inputs``: B tokenised inputs as one flat id array and their lengths.
+class PackedIds(Strict):
+    """B token id lists as one flat id array and their lengths (the compact form of ragged ids).
 
-    ``ids`` [N] in uint16, int32 or int64; ``lengths`` [B] int32 (every length >= 1, their sum N).
-    Ids outside the vocabulary are refused by the service (400), as in ``/v1/score``.
+    ``ids`` [N] in uint16, int32 or int64 (``pack`` picks the smallest that holds the vocabulary);
+    ``lengths`` [B] int32, their sum N. ``POST /v1/tokenize`` answers in this form where the
+    request's Accept names :data:`protos.frames.PACKED_IDS`.
     """
 
     ids: Array
     lengths: Array
 
     @model_validator(mode="after")
-    def _check(self) -> InputsRegistration:
+    def _check(self) -> Self:
         if self.ids.dtype not in ID_DTYPES or len(self.ids.shape) != 1:
             raise ValueError(
                 f"ids must be a 1-D array of {'/'.join(ID_DTYPES)}; got {self.ids.dtype} {self.ids.shape}"
@@ -80,14 +82,14 @@ class InputsRegistration(Strict):
         if not 1 <= count <= MAX_TEXTS:
             raise ValueError(f"lengths must hold 1 to {MAX_TEXTS} inputs; got {count}")
         lengths = self.lengths.numpy()
-        if int(lengths.min()) < 1:
-            raise ValueError("every input needs at least one token (a length is below 1)")
+        if int(lengths.min()) < 0:
+            raise ValueError("a length is negative")
         if int(lengths.astype(np.int64).sum()) != self.ids.shape[0]:
             raise ValueError(f"the lengths add up to {int(lengths.sum())} but ids holds {self.ids.shape[0]}")
         return self
 
     @classmethod
-    def pack(cls, input_ids: Sequence[Sequence[int]], vocab_size: int) -> InputsRegistration:
+    def pack(cls, input_ids: Sequence[Sequence[int]], vocab_size: int) -> Self:
         ids, lengths = flatten_inputs(input_ids)
         return cls(
             ids=Array.from_numpy(ids, ids_dtype(vocab_size)),  # type: ignore[arg-type]
@@ -103,6 +105,20 @@ class InputsRegistration(Strict):
     @property
     def handle(self) -> str:
         return inputs_handle(self.ids.numpy(), self.lengths.numpy())
+
+
+class InputsRegistration(PackedIds):
+    """``POST /v1/inputs``: B tokenised inputs as one flat id array and their lengths.
+
+    ``ids`` [N] in uint16, int32 or int64; ``lengths`` [B] int32 (every length >= 1, their sum N).
+    Ids outside the vocabulary are refused by the service (400), as in ``/v1/score``.
+    """
+
+    @model_validator(mode="after")
+    def _check_nonempty(self) -> Self:
+        if int(self.lengths.numpy().min()) < 1:
+            raise ValueError("every input needs at least one token (a length is below 1)")
+        return self
 
 
 class InputsHandle(Strict):

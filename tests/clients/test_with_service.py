@@ -285,26 +285,33 @@ def test_scoring_rides_out_a_real_service_restart(
     np.testing.assert_allclose(after, before, atol=1e-5)
 
 
-def test_score_frames_carry_the_same_logits_in_fewer_bytes(
+def test_compact_answers_carry_the_same_ids_and_logits_in_fewer_bytes(
     model_url: str, task: ResolvedTask, split: EncodedSplit
 ) -> None:
-    """A site that asks for score frames (the default) gets the logits the JSON answers carry,
-    bit for bit, and receives fewer bytes: at least base64's third of the raw logits less.
-    Break seen to fail: ``ModelService._post_score`` not sending the Accept header (the same bytes
-    received both ways)."""
+    """A site that asks for compact answers (the default) gets the token ids and the logits the
+    JSON answers carry, bit for bit, and receives fewer bytes: for the logits at least base64's
+    third of their raw bytes less. Breaks seen to fail: ``ModelService._post_score`` not sending
+    the Accept header (the same bytes received both ways); ``_tokenize_call`` reading a packed
+    answer as JSON lists (a FatalServiceError)."""
     z = np.random.default_rng(3).normal(size=(5, 16))
+    texts = [text for text, _ in SST2_SAMPLE] * 10
     got: dict[bool, tuple[np.ndarray, int]] = {}
+    tokens: dict[bool, tuple[list[list[int]], int]] = {}
     for frames in (True, False):
         http = JsonService(
             "model service", model_url, timeout_s=120, retry=RetryPolicy(total_s=30, initial_s=0.1)
         )
-        site = ModelService(http, score_frames=frames)
+        site = ModelService(http, compact_answers=frames)
+        before = site.traffic.copy()
+        tokens[frames] = (site.tokenize(texts), site.traffic.since(before).bytes_received)
         site.score(task.spec, split.input_ids, z=z, projection=PROJECTION)  # registers the inputs
         before = site.traffic.copy()
         logits = site.score(task.spec, split.input_ids, z=z, projection=PROJECTION)
         got[frames] = (logits, site.traffic.since(before).bytes_received)
         http.close()
     assert got[True][0].tobytes() == got[False][0].tobytes()
+    assert tokens[True][0] == tokens[False][0]
+    assert tokens[True][1] < tokens[False][1]
     raw = 5 * len(split.input_ids) * len(task.spec.labels) * 4
     assert got[False][1] - got[True][1] >= 4 * -(-raw // 3) - raw
 
@@ -317,7 +324,7 @@ def test_a_service_that_answers_json_is_read_as_json(stand_in: Callable[..., Sta
     server = stand_in().start()
     server.script.on("/v1/score", (200, json.loads(answer.model_dump_json())))
     with JsonService("model service", server.url, retry=RetryPolicy(total_s=5, initial_s=0.1)) as http:
-        site = ModelService(http, score_frames=True, input_handles=False)
+        site = ModelService(http, compact_answers=True, input_handles=False)
         request = ScoreRequest(
             task=TaskSpec(template="{input}", labels=["a", "b"]), input_ids=[[5], [6], [7]]
         )

@@ -3,7 +3,7 @@ refused with a reason, the Accept header read as HTTP lists it.
 
 Seen to fail on: ``encode_score_frame`` writing the logits big-endian (``>f4``: the bit tests);
 dropping the header-length check in ``decode_score_frame`` (the truncated header then fails as
-JSON, not with its length); ``accepts_frame`` matching a substring of the whole header instead of
+JSON, not with its length); ``accepts`` matching a substring of the whole header instead of
 each listed type."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from protos import Array, ArrayError, ScoreResponse, ScoreStats
-from protos.frames import SCORE_FRAME, accepts_frame, decode_score_frame, encode_score_frame
+from protos.frames import SCORE_FRAME, accepts, decode_score_frame, encode_score_frame
 
 
 def _response(logits: np.ndarray, stats: bool = True) -> ScoreResponse:
@@ -68,11 +68,11 @@ def test_a_bad_frame_is_refused_with_its_reason(mangle, reason) -> None:  # type
 
 
 def test_accept_is_read_as_a_list_of_media_types() -> None:
-    assert accepts_frame(SCORE_FRAME)
-    assert accepts_frame(f"application/json;q=0.5, {SCORE_FRAME};q=1")
-    assert accepts_frame(SCORE_FRAME.upper())
-    assert not accepts_frame(None)
-    assert not accepts_frame("")
-    assert not accepts_frame("*/*")
-    assert not accepts_frame(f"{SCORE_FRAME}-v2")
-    assert not accepts_frame(f"application/json; note={SCORE_FRAME}")
+    assert accepts(SCORE_FRAME, SCORE_FRAME)
+    assert accepts(f"application/json;q=0.5, {SCORE_FRAME};q=1", SCORE_FRAME)
+    assert accepts(SCORE_FRAME.upper(), SCORE_FRAME)
+    assert not accepts(None, SCORE_FRAME)
+    assert not accepts("", SCORE_FRAME)
+    assert not accepts("*/*", SCORE_FRAME)
+    assert not accepts(f"{SCORE_FRAME}-v2", SCORE_FRAME)
+    assert not accepts(f"application/json; note={SCORE_FRAME}", SCORE_FRAME)

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 
 from inference_service.app import create_app
 from protos import Array, InputsRegistration, inputs_handle
-from protos.frames import SCORE_FRAME, decode_score_frame
-from protos.inputs import flatten_inputs
+from protos.frames import PACKED_IDS, SCORE_FRAME, decode_score_frame
+from protos.inputs import PackedIds, flatten_inputs
 from tests.service.conftest import TASKS, Zoo
 from tests.service.test_heads import SAME_ROW
 
@@ -364,3 +364,20 @@ def test_a_client_that_asks_gets_the_logits_as_a_binary_frame(bert: TestClient) 
     # A bad request is still a JSON 4xx, whatever the client accepts.
     refused = bert.post("/v1/score", json={**_prompt(), "input_ids": [[10**6]]}, headers=frame)
     assert refused.status_code == 400 and "vocabulary" in refused.json()["detail"]
+
+
+def test_a_client_that_asks_gets_token_ids_packed(bert: TestClient) -> None:
+    """``Accept: application/vnd.fedbpt.packed-ids+json`` on ``/v1/tokenize``: the same ids as the
+    JSON lists, as one flat array of the smallest integer dtype and the lengths (an empty text is a
+    length of 0), in fewer bytes. Break seen to fail: packing the ids as int64 whatever the
+    vocabulary (``PackedIds.pack`` without ``ids_dtype``)."""
+    texts = [*TEXTS * 10, ""]
+    as_json = bert.post("/v1/tokenize", json={"texts": texts}, headers=AUTH_A)
+    packed = bert.post("/v1/tokenize", json={"texts": texts}, headers={**AUTH_A, "Accept": PACKED_IDS})
+    assert as_json.headers["content-type"] == "application/json"
+    assert packed.headers["content-type"] == PACKED_IDS
+    ids = PackedIds.model_validate_json(packed.content)
+    assert ids.input_ids() == as_json.json()["input_ids"]
+    assert ids.lengths.numpy()[-1] == 0
+    assert ids.ids.dtype == "uint16"  # the test vocabulary is below 65,536
+    assert len(packed.content) < len(as_json.content)
