@@ -34,7 +34,7 @@ def run(
         "--task", args.task, "--data", data, "--out", str(out), "--clients", str(args.clients),
         "--rounds", str(args.rounds), "--k-shot", str(args.k_shot), "--max-input-tokens", "64",
         "--eval-every", str(args.eval_every), "--test-limit", str(args.test_limit), "--seed", "1",
-        "--intrinsic-dim", str(args.intrinsic_dim), "--prompt-length", str(args.prompt_length),
+        "--intrinsic-dim", str(args.intrinsic_dim), "--prompt-length", str(args.prompt_length), "--overwrite",
     ]  # fmt: skip
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
     report = json.loads((out / "report.json").read_text())
