@@ -188,7 +188,7 @@ class FormRow:
     """One covariance form of the communication study: its downlink and what it cost in accuracy."""
 
     dim: int
-    form: str  # "full", "diagonal", "lowrank k = 8", "identity"
+    form: str  # "full", "diagonal", "lowrank k = 8", "identity"; ", float32 mean" where the mean is
     down: float  # coordinator -> client, bytes per client and round (measured)
     up: float  # client -> coordinator
     selected: Stat | None
@@ -207,6 +207,8 @@ def covariance_forms(records: Sequence[CellResult]) -> list[FormRow]:
             form = config.covariance + (
                 f" k = {config.covariance_rank}" if config.covariance == "lowrank" else ""
             )
+            if config.mean_dtype != "float64":  # another task on the wire: its own row
+                form += f", {config.mean_dtype} mean"
             groups[(config.dim, form)].append(r)
     rows = []
     for (dim, form), group in groups.items():

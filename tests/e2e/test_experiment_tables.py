@@ -216,6 +216,16 @@ def test_the_covariance_forms_study_is_tabulated_from_the_records_settings(tmp_p
     )
     rows = tables.covariance_forms(study)
     assert [(r.dim, r.form) for r in rows] == [(100, "full"), (100, "lowrank k = 8")]
+    # The same form with a float32 mean is another task on the wire: its own row, not another seed.
+    f32 = {"projection": {"intrinsic_dim": 100}, "covariance": "lowrank", "mean_dtype": "float32"}
+    lean = CellResult(
+        cell=Cell(dataset="sst2_lowrank_f32", partition="iid", method="fedbpt", seed=0),
+        selected_accuracy=0.5,
+        bytes_per_client_per_round={"coordinator_to_client": 5_000.0, "client_to_coordinator": 1600.0},
+        settings={"run": f32},
+    )
+    forms = [(r.form, r.down) for r in tables.covariance_forms([*study, lean])]
+    assert forms[1:] == [("lowrank k = 8", 5_500.5), ("lowrank k = 8, float32 mean", 5_000.0)]
     assert rows[1].down == pytest.approx(5_500.5) and rows[1].selected is not None
     assert rows[1].selected.mean == pytest.approx(0.72) and rows[1].selected.n == 2
 
