@@ -30,8 +30,12 @@ MAX_ABS_FITNESS = 1e9
 MAX_LOG_SPREAD = 100.0
 
 
-def admit_update(config: RunConfig, state: ServerState, update: ClientUpdate) -> np.ndarray:
-    """The update's local mean as float64, or BadRequest saying what is wrong and what is allowed."""
+def admit_update(
+    config: RunConfig, state: ServerState, update: ClientUpdate, scores_candidates: bool = False
+) -> np.ndarray:
+    """The update's local mean as float64, or BadRequest saying what is wrong and what is allowed.
+    ``scores_candidates``: the run's aggregator takes one loss per candidate (shared_es) instead of
+    a local search's result."""
     if update.mean.dtype not in FLOAT_DTYPES:
         raise BadRequest(f"mean must be a float array, got dtype {update.mean.dtype}")
     if update.mean.shape != [config.dim]:
@@ -39,7 +43,14 @@ def admit_update(config: RunConfig, state: ServerState, update: ClientUpdate) ->
             f"mean has shape {update.mean.shape}; this run's intrinsic dimension is {config.dim} "
             f"(expected shape [{config.dim}])"
         )
-    if len(update.sigmas) != config.local_iters:
+    if scores_candidates:
+        _check_losses(config, update)
+    elif update.losses is not None:
+        raise BadRequest(
+            f"this run's aggregator ({config.aggregator}) takes a local search's mean, not losses; "
+            "send the update without losses"
+        )
+    elif len(update.sigmas) != config.local_iters:
         raise BadRequest(
             f"{len(update.sigmas)} sigmas given; this run has local_iters = {config.local_iters} "
             "(one sigma per local generation)"
@@ -50,6 +61,19 @@ def admit_update(config: RunConfig, state: ServerState, update: ClientUpdate) ->
     mean = np.asarray(update.mean.numpy(), dtype=np.float64)
     _check_magnitudes(config, state, mean, update)
     return mean
+
+
+def _check_losses(config: RunConfig, update: ClientUpdate) -> None:
+    """shared_es: one loss per candidate, each within MAX_ABS_FITNESS."""
+    if update.losses is None or len(update.losses) != config.local_popsize:
+        got = "no losses" if update.losses is None else f"{len(update.losses)} losses"
+        raise BadRequest(
+            f"{got} given; this run's aggregator (shared_es) takes one loss per candidate of the "
+            f"task (local_popsize = {config.local_popsize})"
+        )
+    worst = max(abs(x) for x in update.losses)
+    if not worst <= MAX_ABS_FITNESS:
+        raise BadRequest(f"loss {worst:g} is outside [-{MAX_ABS_FITNESS:g}, {MAX_ABS_FITNESS:g}]")
 
 
 def sigma_bounds(config: RunConfig, sigma: float) -> tuple[float, float]:

@@ -118,23 +118,34 @@ def es_options(
     maxiter: int,
     eigenmethod: Callable[..., Any] | None = None,
     weights: Sequence[float] | None = None,
+    *,
+    randn: Callable[..., np.ndarray] | None = None,
+    all_parents: bool = True,
 ) -> dict[str, Any]:
     """The server ES's pycma options: the reference's (popsize = CMA_mu = M, maxiter = rounds),
     with CSA pinned and no global RNG side effects (module docstring). ``weights``: the M
     recombination weights by rank, non-increasing (pycma's ``CMA_recombination_weights``, which
-    normalises them), instead of pycma's own rank weights."""
+    normalises them), instead of pycma's own rank weights.
+
+    ``randn`` (a private generator's standard normals) replaces the discarded one where the
+    samples are used (``shared_es``); ``all_parents=False`` keeps pycma's own parent number and
+    weights, and turns mirrored sampling off: its selective mirrors read the previous generation's
+    ranking, which is not part of the captured state."""
     import cma
 
     options: dict[str, Any] = {
         "popsize": popsize,
-        "CMA_mu": popsize,
         "maxiter": maxiter,
         "verbose": -9,
         "seed": float("nan"),
-        "randn": _discarded_randn,
+        "randn": randn or _discarded_randn,
         "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA,
         "CMA_eigenmethod": eigenmethod or EIGEN_CACHE,
     }
+    if all_parents:
+        options["CMA_mu"] = popsize
+    else:
+        options["CMA_mirrors"] = 0
     if weights is not None:
         # pycma wants a last weight <= 0: one more, zero-weighted, slot that no solution fills.
         options["CMA_recombination_weights"] = [float(w) for w in weights] + [0.0]
@@ -226,18 +237,22 @@ def restore(
     sigma0: float,
     eigenmethod: Callable[..., Any] | None = None,
     weights: Sequence[float] | None = None,
+    *,
+    randn: Callable[..., np.ndarray] | None = None,
+    all_parents: bool = True,
 ) -> Any:
-    """A pycma ES for ``popsize`` clients carrying ``state`` exactly.
+    """A pycma ES for ``popsize`` clients (or candidates) carrying ``state`` exactly.
 
     The strategy parameters (weights, learning rates, CSA constants, the lazy-update gap) are
-    pycma's own for this population size; only state variables are written back.
+    pycma's own for this population size; only state variables are written back. ``randn`` and
+    ``all_parents``: as in :func:`es_options`.
     """
     import cma
 
     if state.es is None:
         raise ValueError("a fedavg state has no CMA-ES to restore")
     core = state.es
-    options = es_options(popsize, maxiter, eigenmethod, weights)
+    options = es_options(popsize, maxiter, eigenmethod, weights, randn=randn, all_parents=all_parents)
     es = cma.CMAEvolutionStrategy(state.mean.copy(), sigma0, options)
     es.sigma = state.sigma
     es.countiter = core.countiter

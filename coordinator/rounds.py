@@ -134,7 +134,8 @@ class Rounds:
         self, client_id: str, run_id: str, rnd: RoundRow, update: ClientUpdate, bytes_in: int
     ) -> UpdateResult:
         _, state = self.runs.state(run_id)
-        mean = admit_update(self.runs.config(run_id), state, update)
+        aggregator = self.runs.aggregator(run_id)
+        mean = admit_update(self.runs.config(run_id), state, update, aggregator.scores_candidates)
         completes = set(rnd.sampled) <= self.store.answered(run_id, rnd.round) | {client_id}
         ack = UpdateAck(accepted=True, duplicate=False, round=rnd.round, round_closed=completes)
         body = ack.model_dump_json().encode()
@@ -144,6 +145,7 @@ class Rounds:
             sigmas=list(update.sigmas),
             mu=update.mu,
             n_samples=update.n_samples,
+            losses=update.losses,
             metrics=update.metrics,
             bytes_in=bytes_in,
             ack_bytes=len(body),

@@ -30,7 +30,11 @@ from coordinator.aggregators.base import Contribution
 from coordinator.es_state import ESCore, ServerState
 from protos import ClientMetrics
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# What an older schema needs to become this one (version -> statements to the next).
+MIGRATIONS: dict[str, tuple[str, ...]] = {
+    "1": ("ALTER TABLE updates ADD COLUMN losses TEXT",),  # shared_es: one loss per candidate
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -86,6 +90,7 @@ CREATE TABLE IF NOT EXISTS updates (
     bytes_in INTEGER NOT NULL,
     ack_bytes INTEGER NOT NULL,
     received_at REAL NOT NULL,
+    losses TEXT,
     PRIMARY KEY (run_id, round, client_id),
     FOREIGN KEY (run_id, round) REFERENCES rounds(run_id, round)
 );
@@ -212,6 +217,7 @@ class NewUpdate:
     metrics: ClientMetrics
     bytes_in: int
     ack_bytes: int
+    losses: list[float] | None = None  # shared_es: one per candidate
 
 
 @dataclass(frozen=True)
@@ -332,11 +338,21 @@ class Store:
             row = self._one("SELECT value FROM meta WHERE key = 'schema'")
             if row is None:
                 self._exec("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            elif row["value"] != SCHEMA_VERSION:
-                raise RuntimeError(f"{path}: schema version {row['value']} is not {SCHEMA_VERSION}")
+            else:
+                self._migrate(path, str(row["value"]))
         self._reader = _connect(path)
         self._reader.execute("PRAGMA query_only=ON")
         self._reader_lock = threading.Lock()
+
+    def _migrate(self, path: Path, version: str) -> None:
+        """Bring a database of an older schema to this one (inside the opening transaction)."""
+        while version != SCHEMA_VERSION:
+            if version not in MIGRATIONS:
+                raise RuntimeError(f"{path}: schema version {version} is not {SCHEMA_VERSION}")
+            for statement in MIGRATIONS[version]:
+                self._exec(statement)
+            version = str(int(version) + 1)
+            self._exec("UPDATE meta SET value = ? WHERE key = 'schema'", (version,))
 
     def close(self) -> None:
         self._conn.close()
@@ -521,6 +537,7 @@ class Store:
                 sigmas=tuple(float(s) for s in json.loads(r["sigmas"])),
                 mu=int(r["mu"]),
                 n_samples=int(r["n_samples"]),
+                losses=None if r["losses"] is None else tuple(float(x) for x in json.loads(r["losses"])),
             )
             for r in rows
         ]
@@ -532,7 +549,7 @@ class Store:
     def add_update(self, run_id: str, round_: int, client_id: str, update: NewUpdate, now: float) -> None:
         self._exec(
             "INSERT INTO updates (run_id, round, client_id, mean, fitness, sigmas, mu, n_samples, metrics, "
-            "bytes_in, ack_bytes, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "bytes_in, ack_bytes, received_at, losses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 round_,
@@ -546,6 +563,7 @@ class Store:
                 update.bytes_in,
                 update.ack_bytes,
                 now,
+                None if update.losses is None else json.dumps([float(x) for x in update.losses]),
             ),
         )
 

@@ -32,8 +32,8 @@ from fed_clients.inputs import EncodedSplit, encode_split, hold_out, input_budge
 from fed_clients.model_api import ModelService
 from fed_clients.perturb import PerturbedCopy, Perturber
 from fed_clients.presets import ResolvedTask, resolve_config
-from fed_clients.training import LocalResult, make_score_fn, train_locally
-from fed_clients.transport import Conflict, FatalServiceError
+from fed_clients.training import LocalResult, make_score_fn, score_candidates, train_locally
+from fed_clients.transport import Conflict, FatalServiceError, Traffic
 from protos import (
     Array,
     ClientMetrics,
@@ -84,6 +84,8 @@ def state_digest(state: GlobalState) -> str:
         h.update(state.cov.data.encode())
     if state.cov_lowrank is not None:
         h.update(state.cov_lowrank.model_dump_json().encode())
+    if state.candidates is not None:
+        h.update(state.candidates.data.encode())
     return h.hexdigest()
 
 
@@ -200,6 +202,8 @@ class SiteClient:
         before = self.model.traffic.copy()
         prepared = self.prepare(config)
         metrics = self._score_global_state(task, prepared)
+        if task.state.candidates is not None:
+            return self._score_candidates(task, prepared, metrics, started, before)
         seed = task.client_seed if task.client_seed is not None else config.seed
         result_local: LocalResult = train_locally(
             make_score_fn(self.model, prepared.task.spec, config.projection),
@@ -232,6 +236,47 @@ class SiteClient:
             metrics=ClientMetrics(
                 train_loss=result_local.train_loss,
                 train_accuracy=result_local.train_accuracy,
+                **metrics,
+                service_calls=traffic.calls,
+                service_rows=traffic.rows,
+                service_bytes_sent=traffic.bytes_sent,
+                service_bytes_received=traffic.bytes_received,
+                seconds=seconds,
+            ),
+        )
+
+    def _score_candidates(
+        self, task: Task, prepared: Prepared, metrics: dict[str, Any], started: float, before: Traffic
+    ) -> ClientUpdate:
+        """A ``shared_es`` round: the task's candidates scored on the training set, no search. The
+        update carries the received mean and sigma unchanged (this site moved nothing)."""
+        assert task.state is not None and task.state.candidates is not None and task.config is not None
+        scores = score_candidates(
+            make_score_fn(self.model, prepared.task.spec, task.config.projection),
+            task.state.candidates.numpy(),
+            prepared.train.input_ids,
+            prepared.train.labels,
+            loss=task.config.loss,
+        )
+        traffic = self.model.traffic.since(before)
+        seconds = time.monotonic() - started
+        log.info(
+            "round %d: %d candidates scored, best train loss %.4f, %.1fs",
+            task.round,
+            len(scores.losses),
+            scores.train_loss,
+            seconds,
+        )
+        return ClientUpdate(
+            mean=Array.from_numpy(task.state.mean.numpy(), dtype="float64"),
+            fitness=scores.train_loss,
+            sigmas=[task.state.sigma],
+            mu=1,
+            n_samples=len(prepared.train),
+            losses=scores.losses,
+            metrics=ClientMetrics(
+                train_loss=scores.train_loss,
+                train_accuracy=scores.train_accuracy,
                 **metrics,
                 service_calls=traffic.calls,
                 service_rows=traffic.rows,

@@ -93,3 +93,31 @@ def train_locally(
         train_accuracy=float(accuracy(clean_logits, labels)[0]),
         fitness_history=history,
     )
+
+
+@dataclass(frozen=True)
+class CandidateScores:
+    """A ``shared_es`` round: the task's candidates scored on the local training set."""
+
+    losses: list[float]  # one mean loss per candidate, in the task's order
+    train_loss: float  # the best candidate's
+    train_accuracy: float
+
+
+def score_candidates(
+    score: ScoreFn,
+    candidates: np.ndarray,
+    input_ids: Sequence[Sequence[int]],
+    labels: np.ndarray,
+    loss: str = "ce",
+) -> CandidateScores:
+    """Score every candidate on the whole local training set in one call (no search, no
+    perturbation: the server's ES ranks the candidates by the losses pooled over the sites)."""
+    (logits,) = score(np.asarray(candidates, dtype=np.float64), [(input_ids, None)])
+    losses = loss_function(loss)(logits, labels)
+    best = int(np.argmin(losses))
+    return CandidateScores(
+        losses=[float(x) for x in losses],
+        train_loss=float(losses[best]),
+        train_accuracy=float(accuracy(logits, labels)[best]),
+    )

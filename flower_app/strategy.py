@@ -70,7 +70,8 @@ class Admitted:
 
     def contribution(self, site: str) -> Contribution:
         u = self.update
-        return Contribution(site, self.mean, u.fitness, tuple(u.sigmas), u.mu, u.n_samples)
+        losses = None if u.losses is None else tuple(u.losses)
+        return Contribution(site, self.mean, u.fitness, tuple(u.sigmas), u.mu, u.n_samples, losses)
 
 
 class RoundFailed(RuntimeError):
@@ -182,7 +183,8 @@ class FedBPTStrategy(Strategy):
                 continue
             try:
                 update, size = read_update(reply.content)
-                admitted[site] = Admitted(update, admit_update(c, state, update), size)
+                mean = admit_update(c, state, update, self.aggregator.scores_candidates)
+                admitted[site] = Admitted(update, mean, size)
             except (MessageError, BadRequest) as exc:
                 log.warning("round %d: the update of %s is refused: %s", r, site, exc)
                 refused.append(site)

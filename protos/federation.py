@@ -63,12 +63,16 @@ class GlobalState(Strict):
     ``cov`` is the d x d matrix, or its diagonal [d] (``covariance: diagonal``), or null; with
     ``covariance: lowrank`` it is null and ``cov_lowrank`` carries C (protos/covariance.py). Both
     null: C = I.
+
+    ``candidates`` ([lambda, d]; ``aggregator: shared_es`` only): the points to score instead of
+    searching; the client answers one loss per candidate (``ClientUpdate.losses``).
     """
 
     mean: Array
     sigma: float = Field(gt=0)
     cov: Array | None = None
     cov_lowrank: LowRankCovariance | None = None
+    candidates: Array | None = None
 
     @model_validator(mode="after")
     def _one_covariance(self) -> GlobalState:
@@ -125,6 +129,19 @@ class ClientUpdate(Strict):
     mu: int = Field(ge=1, description="the local ES's parent number floor(lambda/2)")
     n_samples: int = Field(ge=1)
     metrics: ClientMetrics = Field(default_factory=ClientMetrics)
+    losses: list[float] | None = Field(
+        default=None,
+        max_length=10_000,
+        description="shared_es: the mean training loss of each candidate of the task, in order "
+        "(mean: the received global mean; sigmas: [its sigma]; mu: 1); null otherwise",
+    )
+
+    @field_validator("losses")
+    @classmethod
+    def _losses_finite(cls, v: list[float] | None) -> list[float] | None:
+        for x in v or ():
+            _finite(x, "losses")
+        return v
 
     @field_validator("fitness")
     @classmethod

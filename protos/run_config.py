@@ -54,7 +54,12 @@ class RunConfig(Strict):
     )
 
     # Server aggregation.
-    aggregator: Literal["cmaes", "fedavg"] = "cmaes"
+    aggregator: Literal["cmaes", "fedavg", "shared_es"] = Field(
+        default="cmaes",
+        description="cmaes: FedBPT's server CMA-ES over the sites' local searches (the reference); "
+        "fedavg: FedAvg-BBT; shared_es: one server CMA-ES whose candidates every site scores "
+        "(a round is one generation: rounds counts generations, local_iters and perturb are unused)",
+    )
     server_sigma: Literal["reference", "paper"] = Field(
         default="reference",
         description="reference: sqrt(sum sigma^2/(M*mu)); paper: Eq. 6 over the best half",

@@ -28,6 +28,7 @@ from coordinator.aggregators.base import (
 )
 from coordinator.aggregators.cmaes import ServerCMAES
 from coordinator.aggregators.fedavg import FedAvg
+from coordinator.aggregators.shared_es import SharedPopulationES
 from coordinator.es_state import ServerState
 from protos import RunConfig
 
@@ -52,6 +53,7 @@ class Factory(Protocol):
 AGGREGATORS: dict[str, Factory] = {
     ServerCMAES.name: ServerCMAES.from_config,
     FedAvg.name: FedAvg.from_config,
+    SharedPopulationES.name: SharedPopulationES.from_config,
 }
 
 

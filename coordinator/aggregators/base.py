@@ -33,6 +33,7 @@ class Contribution:
     sigmas: tuple[float, ...]
     mu: int
     n_samples: int
+    losses: tuple[float, ...] | None = None  # one per candidate (shared_es); None: a local search's result
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class Aggregator(Protocol):
     the registry (``coordinator.aggregators.make_aggregator``)."""
 
     name: ClassVar[str]
+    # True: clients score the candidates a task carries and answer their losses (shared_es);
+    # False: clients run a local search and answer its mean.
+    scores_candidates: ClassVar[bool]
 
     def initial_state(self) -> ServerState:
         """State 0 of a run."""
@@ -105,7 +109,7 @@ def screen(
         else:
             clipped.append(c.client_id)
             pulled = state.mean + step * (radius / distance)
-            usable.append(Contribution(c.client_id, pulled, c.fitness, c.sigmas, c.mu, c.n_samples))
+            usable.append(Contribution(c.client_id, pulled, c.fitness, c.sigmas, c.mu, c.n_samples, c.losses))
     return usable, clipped, rejected
 
 

@@ -40,6 +40,7 @@ Weights = Literal["rank", "samples", "equal"]
 
 class ServerCMAES:
     name: ClassVar[str] = "cmaes"
+    scores_candidates: ClassVar[bool] = False
 
     def __init__(
         self,

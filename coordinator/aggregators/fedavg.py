@@ -16,6 +16,7 @@ from protos import Array, GlobalState, RunConfig
 
 class FedAvg:
     name: ClassVar[str] = "fedavg"
+    scores_candidates: ClassVar[bool] = False
 
     def __init__(self, *, dim: int, sigma: float) -> None:
         self.dim = dim

@@ -24,7 +24,7 @@ from fed_clients.model_api import ModelService
 from fed_clients.presets import resolve_config
 from fed_clients.transport import JsonService
 from fedbpt_cli import federation_data
-from fedbpt_cli.experiments.grid import BLACK_BOX, Cell, Grid
+from fedbpt_cli.experiments.grid import BLACK_BOX, ONE_GENERATION_PER_ROUND, Cell, Grid
 from fedbpt_cli.experiments.records import CellResult, best_and_final
 from fedbpt_cli.report import accuracy_curve
 from fedbpt_cli.simulation import EXIT_OK, Simulation
@@ -37,6 +37,11 @@ def run_fields(grid: Grid, cell: Cell) -> dict[str, Any]:
 
     entry = grid.datasets[cell.dataset]
     merged = _merge(_merge(grid.run, entry.run), BLACK_BOX.get(cell.method, {}))
+    if cell.method in ONE_GENERATION_PER_ROUND:
+        generations = int(merged.get("local_iters", RunConfig.model_fields["local_iters"].default))
+        for name in ("rounds", "eval_every"):
+            default = RunConfig.model_fields[name].default
+            merged[name] = int(merged.get(name, default)) * generations
     merged["seed"] = cell.seed if cell.seed is not None else 0
     merged["name"] = cell.key
     merged["min_clients"] = 1

@@ -20,6 +20,7 @@ Method = Literal[
     "fedbpt_reference",
     "fedbpt_no_perturb",
     "fedavg_bbt",
+    "shared_es",
     "fedprompt",
 ]
 METHODS: tuple[Method, ...] = get_args(Method)
@@ -30,6 +31,7 @@ LABELS: dict[str, str] = {
     "fedbpt_reference": "FedBPT, reference settings",
     "fedbpt_no_perturb": "FedBPT without perturbation",
     "fedavg_bbt": "FedAvg-BBT",
+    "shared_es": "shared-population CMA-ES",
     "fedprompt": "FedPrompt (white-box, gradients)",
 }
 # What each black-box method changes in the run settings.
@@ -49,7 +51,12 @@ BLACK_BOX: dict[str, dict[str, Any]] = {
     },
     "fedbpt_no_perturb": {"aggregator": "cmaes", "perturb": False},
     "fedavg_bbt": {"aggregator": "fedavg", "perturb": False},
+    # One server ES whose candidates every site scores: no local search, so nothing to perturb.
+    "shared_es": {"aggregator": "shared_es", "perturb": False},
 }
+# Methods whose round is one generation: their rounds and eval_every are the grid's times
+# local_iters, so they query the model as often as FedBPT's rounds of local_iters generations.
+ONE_GENERATION_PER_ROUND = frozenset({"shared_es"})
 SPLIT_FREE = ("zero_shot", "centralized_bbt")
 
 

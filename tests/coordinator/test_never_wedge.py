@@ -100,6 +100,7 @@ class Poisoned:
     for a step that some admitted contribution breaks."""
 
     name = "cmaes"
+    scores_candidates = False
 
     def __init__(self, inner: ServerCMAES, poison: set[str]) -> None:
         self.inner = inner
