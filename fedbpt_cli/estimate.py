@@ -6,7 +6,8 @@ Rows per round, per sampled client with n examples (a share ``val_share`` held o
 ``local_iters * popsize * n_train`` for the generations plus one row per example for the final
 mean, each doubled with input perturbation (a perturbed copy is scored beside the clean one), plus
 ``n_val`` rows of validation of the state received, plus the client's test shard in evaluated
-rounds. Then the selected and the final prompt on the whole test set.
+rounds. Then the selected and the final prompt on the whole test set. With ``shared_es`` a round
+is ``popsize * n_train`` training rows (the candidates, once each) plus the validation.
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ def estimate_rows(
 ) -> RowEstimate:
     sampled = max(1, math.ceil(config.frac * len(examples_per_client)))
     share = sampled / max(1, len(examples_per_client))
-    copies = 2 if config.perturb else 1
+    if config.searches_locally:
+        copies, per_example = (2 if config.perturb else 1), config.local_iters * config.local_popsize + 1
+    else:
+        copies, per_example = 1, config.local_popsize
     per_round = 0.0
     for n in examples_per_client:
         n_val = int(n * config.val_share) if n * (1 - config.val_share) >= 2 else 0
         n_train = n - n_val
-        per_round += share * (copies * n_train * (config.local_iters * config.local_popsize + 1) + n_val)
+        per_round += share * (copies * n_train * per_example + n_val)
     evaluations = sum(1 for r in range(config.rounds) if config.eval_every > 0 and r % config.eval_every == 0)
     evaluation = round_test_size
     total = config.rounds * per_round + (evaluations + 1) * evaluation + 2 * test_size

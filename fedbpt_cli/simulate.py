@@ -59,7 +59,9 @@ def simulate(
     prompt_length: int | None = typer.Option(None, help="L, soft prompt tokens"),
     perturb: bool | None = typer.Option(None, "--perturb/--no-perturb", help="input perturbation"),
     perturb_rate: float | None = typer.Option(None, help="share of input tokens replaced"),
-    aggregator: str | None = typer.Option(None, help="cmaes (FedBPT) | fedavg"),
+    aggregator: str | None = typer.Option(
+        None, help="cmaes (FedBPT) | fedavg | shared_es (one server ES; --rounds counts generations)"
+    ),
     eval_every: int | None = typer.Option(None, help="evaluate the global prompt every N rounds"),
     max_input_tokens: int | None = typer.Option(None, help="inputs are truncated to this"),
     seed: int | None = typer.Option(None, help="seed of the run, the few-shot sample and the split"),

@@ -110,6 +110,11 @@ class RunConfig(Strict):
             raise ValueError("labels, when given, must be a non-empty list of non-empty strings")
         if self.template is not None and self.template.count("{input}") != 1:
             raise ValueError("template, when given, must contain {input} exactly once")
+        if self.aggregator == "shared_es" and self.local_popsize < 3:
+            raise ValueError(
+                "aggregator shared_es needs local_popsize >= 3 (the candidates per generation; "
+                "pycma updates from at least 3)"
+            )
         if self.covariance == "lowrank" and self.covariance_rank >= self.dim:
             raise ValueError(
                 f"covariance_rank {self.covariance_rank} must be below intrinsic_dim {self.dim} "
@@ -120,3 +125,9 @@ class RunConfig(Strict):
     @property
     def dim(self) -> int:
         return self.projection.intrinsic_dim
+
+    @property
+    def searches_locally(self) -> bool:
+        """Whether a client runs a local CMA-ES each round (False: it scores the server's
+        candidates, ``shared_es``; no local generations, no perturbed copy)."""
+        return self.aggregator != "shared_es"

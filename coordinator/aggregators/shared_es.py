@@ -50,8 +50,8 @@ class SharedPopulationES:
         seed: int,
         eigenmethod: Callable[..., Any] | None = None,
     ) -> None:
-        if popsize < 2:
-            raise ValueError("shared_es needs a population of at least 2 candidates (local_popsize)")
+        if popsize < 3:
+            raise ValueError("shared_es needs at least 3 candidates per generation (local_popsize)")
         self.dim = dim
         self.sigma0 = sigma0
         self.rounds = rounds

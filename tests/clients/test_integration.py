@@ -184,6 +184,45 @@ def test_two_clients_two_rounds_then_evaluate(model_url: str, coordinator_url: s
     assert rows["best"][1] >= max(rows["selected"][1], rows["final"][1])
 
 
+def test_shared_es_sites_score_the_servers_candidates(
+    model_url: str, coordinator_url: str, tmp_path: Path
+) -> None:
+    """``aggregator: shared_es`` with real processes: every round each site scores the task's
+    candidates in one call (no local search) and the server's ES moves the prompt."""
+    config = RunConfig(
+        name="shared-es-integration",
+        aggregator="shared_es",
+        rounds=3,
+        min_clients=2,
+        round_timeout_s=300,
+        projection={"seed": 11, "intrinsic_dim": 16, "prompt_length": 4},  # type: ignore[arg-type]
+        local_popsize=4,
+        max_input_tokens=32,
+        eval_every=0,
+    )
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        run_id = admin.post("/v1/runs", json=config.model_dump(mode="json")).json()["run_id"]
+        tokens = [
+            admin.post(f"/v1/runs/{run_id}/clients", json={"name": f"site-{k}"}).json()["token"]
+            for k in range(2)
+        ]
+        assert admin.post(f"/v1/runs/{run_id}/start").status_code == 200
+    _run_clients(model_url, coordinator_url, tmp_path, tokens, write_jsonl(tmp_path / "t.jsonl", SST2_SAMPLE))
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        assert admin.get(f"/v1/runs/{run_id}").json()["state"] == "finished"
+        rounds = _rounds(admin.get(f"/v1/runs/{run_id}/rounds").json())
+        assert [r["round"] for r in rounds] == [0, 1, 2]
+        for record in rounds:
+            assert sorted(p["name"] for p in record["participants"]) == ["site-0", "site-1"]
+            for p in record["participants"]:
+                # The four candidates on the 5 training examples and the global state on the 1
+                # held out: no local search, no perturbed copy.
+                assert p["metrics"]["service_rows"] == 4 * 5 + 1 and p["n_samples"] == 5
+                assert p["fitness"] == p["metrics"]["train_loss"]
+        final = PromptResponse.model_validate_json(admin.get(f"/v1/runs/{run_id}/prompt?state=final").content)
+        assert final.round == 3 and not np.allclose(final.z.numpy(), 0.0)
+
+
 def _wait_for_log(proc: ManagedProcess, text: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

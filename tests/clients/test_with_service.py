@@ -21,7 +21,7 @@ from fed_clients.losses import accuracy, cross_entropy, fitness
 from fed_clients.model_api import ModelService
 from fed_clients.perturb import Perturber
 from fed_clients.presets import ResolvedTask, resolve_task
-from fed_clients.training import make_score_fn, train_locally
+from fed_clients.training import make_score_fn, score_candidates, train_locally
 from fed_clients.transport import JsonService, RetryPolicy
 from fedbpt_cli.procs import ManagedProcess, fedbpt_command, free_port
 from protos import (
@@ -125,6 +125,22 @@ def test_without_perturbation_one_call_per_generation(
     used = model.traffic.since(before)
     assert used.calls - used.registrations == 2 + 1
     assert result.fitness == pytest.approx(result.train_loss)
+
+
+def test_shared_es_scores_each_candidate_in_one_call_as_it_would_score_alone(
+    model: ModelService, task: ResolvedTask, split: EncodedSplit
+) -> None:
+    candidates = np.random.default_rng(4).normal(size=(5, 16))
+    before = model.traffic.copy()
+    scores = score_candidates(
+        make_score_fn(model, task.spec, PROJECTION), candidates, split.input_ids, split.labels
+    )
+    used = model.traffic.since(before)
+    assert used.calls - used.registrations == 1  # no search: the five candidates travel once
+    alone = [evaluate_prompt(model, task.spec, split, z=z, projection=PROJECTION) for z in candidates]
+    np.testing.assert_allclose(scores.losses, [a.loss for a in alone], rtol=1e-5)
+    best = int(np.argmin(scores.losses))
+    assert scores.train_loss == scores.losses[best] and scores.train_accuracy == alone[best].accuracy
 
 
 def test_scope_all_reaches_the_service(model: ModelService, task: ResolvedTask, split: EncodedSplit) -> None:

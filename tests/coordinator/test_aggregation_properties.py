@@ -23,12 +23,12 @@ PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[Heal
 
 @st.composite
 def run_configs(draw: st.DrawFn) -> RunConfig:
-    aggregator = draw(st.sampled_from(["cmaes", "fedavg"]))
+    aggregator = draw(st.sampled_from(["cmaes", "fedavg", "shared_es"]))
     return RunConfig.model_validate(
         {
             "projection": {"intrinsic_dim": draw(st.integers(1, 12)), "sigma0": draw(st.floats(1e-3, 10.0))},
             "local_iters": draw(st.integers(1, 10)),
-            "local_popsize": draw(st.integers(2, 12)),
+            "local_popsize": draw(st.integers(3 if aggregator == "shared_es" else 2, 12)),
             "rounds": draw(st.integers(1, 300)),
             "aggregator": aggregator,
             "server_weights": draw(st.sampled_from(["rank", "samples", "equal"])),
@@ -43,6 +43,11 @@ def run_configs(draw: st.DrawFn) -> RunConfig:
 @st.composite
 def admitted(draw: st.DrawFn, config: RunConfig, state: ServerState, name: str) -> Contribution:
     """A contribution anywhere in the admitted space, edges included (fractions 0 and 1 of each bound)."""
+    if config.aggregator == "shared_es":  # losses of the task's candidates; nothing else moves
+        value = st.sampled_from([-1e9, 1e9, 0.0]) | st.floats(-1e9, 1e9)
+        losses = tuple(draw(value) for _ in range(config.local_popsize))
+        n_samples = draw(st.integers(1, 10**9))
+        return Contribution(name, state.mean.copy(), min(losses), (state.sigma,), 1, n_samples, losses)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     direction = rng.normal(size=state.dim)
     direction /= max(float(np.linalg.norm(direction)), 1e-300)
@@ -67,8 +72,12 @@ def _admits(config: RunConfig, state: ServerState, c: Contribution) -> bool:
         sigmas=list(c.sigmas),
         mu=c.mu,
         n_samples=c.n_samples,
+        losses=None if c.losses is None else list(c.losses),
     )
-    admit_update(config, state, update)  # raises BadRequest if the generator left the admitted space
+    scores_candidates = make_aggregator(config).scores_candidates
+    admit_update(
+        config, state, update, scores_candidates
+    )  # raises BadRequest if the generator left the admitted space
     return True
 
 
@@ -102,6 +111,23 @@ def test_honest_rounds_use_every_contribution(config: RunConfig, count: int, see
     state = aggregator.initial_state()
     rng = np.random.default_rng(seed)
     for _ in range(3):
+        if config.aggregator == "shared_es":
+            contributions = [
+                Contribution(
+                    f"site-{k}",
+                    state.mean.copy(),
+                    0.2,
+                    (state.sigma,),
+                    1,
+                    int(rng.integers(1, 100)),
+                    tuple(float(x) for x in rng.uniform(0.2, 1.0, size=config.local_popsize)),
+                )
+                for k in range(count)
+            ]
+            outcome = server_step(aggregator, config, state, contributions)
+            assert outcome.rejected == [] and len(outcome.used) == count
+            state = outcome.state
+            continue
         contributions = [
             Contribution(
                 f"site-{k}",

@@ -378,5 +378,7 @@ def test_the_recorded_duration_lies_within_the_call() -> None:
 def test_an_unknown_aggregator_name_is_refused_with_the_known_ones() -> None:
     """A config written by another version (the registry, not the schema, is the last word)."""
     config = PLAIN.model_copy(update={"aggregator": "sgd"})
-    with pytest.raises(ValueError, match=r"^no aggregator named 'sgd'; known: \['cmaes', 'fedavg', 'shared_es'\]$"):
+    with pytest.raises(
+        ValueError, match=r"^no aggregator named 'sgd'; known: \['cmaes', 'fedavg', 'shared_es'\]$"
+    ):
         make_aggregator(config)

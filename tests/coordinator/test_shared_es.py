@@ -13,6 +13,7 @@ from typing import Any
 
 import cma
 import numpy as np
+import pytest
 
 from coordinator.store import SCHEMA, Store
 from protos import ClientUpdate, PromptResponse, Task
@@ -126,6 +127,10 @@ def test_updates_without_the_right_losses_are_refused_and_change_nothing(coord: 
     assert coord.dump() == before
     assert coord.post_update(run_id, 0, a, json.dumps(good)).status_code == 200
 
+    # Too few candidates for pycma is refused when the run is created.
+    r = coord.http.post("/v1/runs", json=_config(local_popsize=2), headers=ADMIN_HEADERS)
+    assert r.status_code == 422 and "local_popsize >= 3" in r.text
+
     # A run whose clients search refuses losses as clearly.
     other, (c,) = coord.new_run(1)
     update = json.loads(synthetic_update(coord.task(other, c), 1).model_dump_json())
@@ -146,3 +151,12 @@ def test_a_database_of_schema_1_is_migrated(tmp_path: Path) -> None:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(updates)")]
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
     assert "losses" in columns and version == "2"
+
+
+def test_a_database_of_an_unknown_schema_is_refused_with_both_versions(tmp_path: Path) -> None:
+    path = tmp_path / "future.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(SCHEMA)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema', '9')")
+    with pytest.raises(RuntimeError, match="schema version 9 is not 2"):
+        Store(path)

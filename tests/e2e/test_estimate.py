@@ -29,6 +29,9 @@ def test_rows_by_hand() -> None:
     assert est.total == 4 * per_round + (2 + 1) * 100 + 2 * 400  # rounds 0 and 2, the final state, 2 prompts
     plain = estimate_rows(config.model_copy(update={"perturb": False}), [8, 4], 100, 400)
     assert plain.per_round == 6 * 16 + 2 + 3 * 16 + 1
+    # shared_es: each training example once per candidate, perturbation or not; no final mean.
+    shared = estimate_rows(config.model_copy(update={"aggregator": "shared_es"}), [8, 4], 100, 400)
+    assert shared.per_round == 6 * 5 + 2 + 3 * 5 + 1
 
 
 def test_sampling_scales_the_rounds() -> None:

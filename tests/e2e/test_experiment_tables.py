@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedbpt_cli.experiments import tables
+from fedbpt_cli.experiments.cells import run_config
 from fedbpt_cli.experiments.document import write_document
 from fedbpt_cli.experiments.grid import Cell, Grid, cells, load_grid
 from fedbpt_cli.experiments.records import CellResult, best_and_final, finished, read_records, write_record
@@ -61,7 +62,7 @@ def test_cells_are_seed_major_and_split_free_methods_run_once(tmp_path: Path) ->
         {"seeds": [0, 1], "partitions": ["iid", 0.5], "datasets": {"a": {"data": "a"}, "b": {"data": "b"}}}
     )
     out = cells(grid)
-    assert len(out) == 2 + 2 * 2 * (1 + 2 * 5)  # 5 split-dependent methods by default
+    assert len(out) == 2 + 2 * 2 * (1 + 2 * 6)  # 6 split-dependent methods by default
     assert [c.method for c in out[:2]] == ["zero_shot", "zero_shot"]
     seeds = [c.seed for c in out[2:] if c.seed is not None]
     assert len(seeds) == len(out) - 2
@@ -71,6 +72,20 @@ def test_cells_are_seed_major_and_split_free_methods_run_once(tmp_path: Path) ->
     path.write_text("datasets: {a: {data: a}}\nmethods: [fedbpt, magic]\n")
     with pytest.raises(ValueError, match="magic"):
         load_grid(path)
+
+
+def test_shared_es_cells_get_fedbpts_query_budget_one_generation_a_round() -> None:
+    grid = Grid.model_validate(
+        {
+            "run": {"local_iters": 8},
+            "datasets": {"a": {"data": "a", "run": {"rounds": 20, "eval_every": 2}}},
+        }
+    )
+    shared = run_config(grid, Cell(dataset="a", partition="iid", method="shared_es", seed=0))
+    fedbpt = run_config(grid, Cell(dataset="a", partition="iid", method="fedbpt", seed=0))
+    assert (shared.rounds, shared.eval_every, shared.aggregator) == (160, 16, "shared_es")
+    assert (fedbpt.rounds, fedbpt.eval_every) == (20, 2)
+    assert not shared.perturb and not shared.searches_locally
 
 
 def test_records_are_whole_and_a_failed_cell_is_run_again(tmp_path: Path) -> None:
@@ -126,7 +141,7 @@ def test_a_changed_budget_reruns_exactly_the_cells_it_touches(tmp_path: Path) ->
         return Runner(grid=grid, data_root=tmp_path, out=tmp_path / "out", records=tmp_path / "rec")
 
     first = runner(_grid())
-    assert len(first.todo()) == 2 + 2 * 6
+    assert len(first.todo()) == 2 + 2 * 7
     for cell in first.todo():
         rounds = 0 if cell.method == "zero_shot" else first.grid.datasets[cell.dataset].run["rounds"]
         record = CellResult(
@@ -146,7 +161,7 @@ def test_a_changed_budget_reruns_exactly_the_cells_it_touches(tmp_path: Path) ->
     other_model = Runner(
         grid=_grid(), data_root=tmp_path, out=tmp_path, records=tmp_path / "rec", model="roberta-large"
     )
-    assert len(other_model.todo()) == 14
+    assert len(other_model.todo()) == 2 + 2 * 7
 
 
 def test_a_record_without_settings_is_checked_on_its_rounds(tmp_path: Path) -> None:
