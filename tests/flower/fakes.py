@@ -32,7 +32,20 @@ def synthetic_answer(task: Task, name: str) -> ClientUpdate:
         n_val=2 + site_number(name, "n_val") % 3,
     )
     seed = task.client_seed + site_number(name, "mean")
-    return synthetic_update(task, seed, n_samples=5 + site_number(name, "n") % 7, metrics=metrics)
+    n_samples = 5 + site_number(name, "n") % 7
+    assert task.state is not None
+    if task.state.candidates is not None:  # shared_es: one loss per candidate, nothing moves
+        losses = [float(x) for x in rng.uniform(0.2, 1.0, size=task.state.candidates.shape[0])]
+        return ClientUpdate(
+            mean=task.state.mean,
+            fitness=min(losses),
+            sigmas=[task.state.sigma],
+            mu=1,
+            n_samples=n_samples,
+            losses=losses,
+            metrics=metrics,
+        )
+    return synthetic_update(task, seed, n_samples=n_samples, metrics=metrics)
 
 
 def synthetic_report(task: Task, name: str) -> EvalReport:

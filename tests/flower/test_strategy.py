@@ -40,9 +40,10 @@ CONFIG: dict[str, Any] = {
 }
 
 
-def coordinator_run(coord: Coordinator) -> tuple[ServerState, PromptResponse, list[Task]]:
+def coordinator_run(coord: Coordinator, **config: Any) -> tuple[ServerState, PromptResponse, list[Task]]:
     """The coordinator (its real app, in process) with sites answering synthetically."""
-    run_id = coord.create_run(**CONFIG)
+    config = {**CONFIG, **config}
+    run_id = coord.create_run(**config)
     sites = coord.enrol(run_id, len(NAMES), names=NAMES)
     coord.start(run_id)
     tasks: list[Task] = []
@@ -91,13 +92,17 @@ def task_keys(tasks: list[Task]) -> list[tuple[int, int, bool]]:
 
 
 @pytest.mark.usefixtures("flower_identity")
+@pytest.mark.parametrize("aggregator", ["cmaes", "shared_es"])
 def test_strategy_reaches_the_coordinators_states(
-    tmp_path: Path, coordinator_factory: Callable[..., Coordinator]
+    tmp_path: Path, coordinator_factory: Callable[..., Coordinator], aggregator: str
 ) -> None:
-    expected_state, expected_prompt, expected_tasks = coordinator_run(coordinator_factory())
+    expected_state, expected_prompt, expected_tasks = coordinator_run(
+        coordinator_factory(), aggregator=aggregator
+    )
 
     grid = FakeGrid(dict(NODES))
-    strategy = FedBPTStrategy(config=RunConfig(**CONFIG), sites=3, checkpoint_dir=tmp_path / "run")
+    config = RunConfig(**{**CONFIG, "aggregator": aggregator})
+    strategy = FedBPTStrategy(config=config, sites=3, checkpoint_dir=tmp_path / "run")
     strategy.run(grid)  # type: ignore[arg-type]
 
     # The same tasks: sample, per-site seeds (keyed on the names), evaluate flags.
