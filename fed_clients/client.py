@@ -33,7 +33,7 @@ from fed_clients.model_api import ModelService
 from fed_clients.perturb import PerturbedCopy, Perturber
 from fed_clients.presets import ResolvedTask, resolve_config
 from fed_clients.training import LocalResult, make_score_fn, score_candidates, train_locally
-from fed_clients.transport import Conflict, FatalServiceError, Traffic
+from fed_clients.transport import Conflict, FatalServiceError
 from protos import (
     Array,
     ClientMetrics,
@@ -196,16 +196,46 @@ class SiteClient:
         )
 
     def train_round(self, task: Task) -> ClientUpdate:
+        """One round: validate (and evaluate) the received state, then search locally, or score
+        the task's candidates (``shared_es``); the update carries the round's metrics."""
         assert task.round is not None and task.state is not None and task.config is not None
-        config = task.config
         started = time.monotonic()
         before = self.model.traffic.copy()
-        prepared = self.prepare(config)
-        metrics = self._score_global_state(task, prepared)
+        prepared = self.prepare(task.config)
+        scores = self._score_global_state(task, prepared)
         if task.state.candidates is not None:
-            return self._score_candidates(task, prepared, metrics, started, before)
+            update = self._score_candidates(task, prepared)
+        else:
+            update = self._search_locally(task, prepared)
+        traffic = self.model.traffic.since(before)
+        seconds = time.monotonic() - started
+        log.info(
+            "round %d: fitness %.5g, train loss %.4f, train accuracy %.4f, %d calls, %.1fs",
+            task.round,
+            update.fitness,
+            update.metrics.train_loss,
+            update.metrics.train_accuracy,
+            traffic.calls,
+            seconds,
+        )
+        metrics = update.metrics.model_copy(
+            update={
+                **scores,
+                "service_calls": traffic.calls,
+                "service_rows": traffic.rows,
+                "service_bytes_sent": traffic.bytes_sent,
+                "service_bytes_received": traffic.bytes_received,
+                "seconds": seconds,
+            }
+        )
+        return update.model_copy(update={"metrics": metrics})
+
+    def _search_locally(self, task: Task, prepared: Prepared) -> ClientUpdate:
+        """FedBPT's site step: the local CMA-ES from the received state (metrics: train only)."""
+        assert task.round is not None and task.state is not None and task.config is not None
+        config = task.config
         seed = task.client_seed if task.client_seed is not None else config.seed
-        result_local: LocalResult = train_locally(
+        result: LocalResult = train_locally(
             make_score_fn(self.model, prepared.task.spec, config.projection),
             task.state,
             prepared.train.input_ids,
@@ -216,38 +246,16 @@ class SiteClient:
             loss=config.loss,
             perturbed=self._perturbed_inputs(config, prepared, task.round),
         )
-        traffic = self.model.traffic.since(before)
-        seconds = time.monotonic() - started
-        log.info(
-            "round %d: fitness %.5g, train loss %.4f, train accuracy %.4f, %d calls, %.1fs",
-            task.round,
-            result_local.fitness,
-            result_local.train_loss,
-            result_local.train_accuracy,
-            traffic.calls,
-            seconds,
-        )
         return ClientUpdate(
-            mean=Array.from_numpy(result_local.mean, dtype="float64"),
-            fitness=result_local.fitness,
-            sigmas=result_local.sigmas,
-            mu=result_local.mu,
+            mean=Array.from_numpy(result.mean, dtype="float64"),
+            fitness=result.fitness,
+            sigmas=result.sigmas,
+            mu=result.mu,
             n_samples=len(prepared.train),
-            metrics=ClientMetrics(
-                train_loss=result_local.train_loss,
-                train_accuracy=result_local.train_accuracy,
-                **metrics,
-                service_calls=traffic.calls,
-                service_rows=traffic.rows,
-                service_bytes_sent=traffic.bytes_sent,
-                service_bytes_received=traffic.bytes_received,
-                seconds=seconds,
-            ),
+            metrics=ClientMetrics(train_loss=result.train_loss, train_accuracy=result.train_accuracy),
         )
 
-    def _score_candidates(
-        self, task: Task, prepared: Prepared, metrics: dict[str, Any], started: float, before: Traffic
-    ) -> ClientUpdate:
+    def _score_candidates(self, task: Task, prepared: Prepared) -> ClientUpdate:
         """A ``shared_es`` round: the task's candidates scored on the training set, no search. The
         update carries the received mean and sigma unchanged (this site moved nothing)."""
         assert task.state is not None and task.state.candidates is not None and task.config is not None
@@ -258,15 +266,6 @@ class SiteClient:
             prepared.train.labels,
             loss=task.config.loss,
         )
-        traffic = self.model.traffic.since(before)
-        seconds = time.monotonic() - started
-        log.info(
-            "round %d: %d candidates scored, best train loss %.4f, %.1fs",
-            task.round,
-            len(scores.losses),
-            scores.train_loss,
-            seconds,
-        )
         return ClientUpdate(
             mean=Array.from_numpy(task.state.mean.numpy(), dtype="float64"),
             fitness=scores.train_loss,
@@ -274,16 +273,7 @@ class SiteClient:
             mu=1,
             n_samples=len(prepared.train),
             losses=scores.losses,
-            metrics=ClientMetrics(
-                train_loss=scores.train_loss,
-                train_accuracy=scores.train_accuracy,
-                **metrics,
-                service_calls=traffic.calls,
-                service_rows=traffic.rows,
-                service_bytes_sent=traffic.bytes_sent,
-                service_bytes_received=traffic.bytes_received,
-                seconds=seconds,
-            ),
+            metrics=ClientMetrics(train_loss=scores.train_loss, train_accuracy=scores.train_accuracy),
         )
 
     def _score_global_state(self, task: Task, prepared: Prepared) -> dict[str, Any]:
