@@ -15,6 +15,8 @@ import cma
 import numpy as np
 import pytest
 
+from coordinator.aggregators import Contribution
+from coordinator.aggregators.shared_es import SharedPopulationES, pooled_losses
 from coordinator.store import SCHEMA, Store
 from protos import ClientUpdate, PromptResponse, Task
 from tests.coordinator.conftest import ADMIN_HEADERS, Coordinator, synthetic_update
@@ -113,17 +115,16 @@ def test_updates_without_the_right_losses_are_refused_and_change_nothing(coord: 
     good = json.loads(_answer(task, EXAMPLES[0]).model_dump_json())
     losses = good["losses"]
     cases = [
-        ({**good, "losses": None}, 400),
-        ({**good, "losses": losses[:-1]}, 400),
-        ({**good, "losses": [*losses, 1.0]}, 400),
-        ({**good, "losses": [*losses[:-1], 1e12]}, 400),
-        ({**good, "losses": [*losses[:-1], float("nan")]}, 422),
+        ({**good, "losses": None}, 400, "no losses given; this run's aggregator (shared_es) takes one loss"),
+        ({**good, "losses": losses[:-1]}, 400, f"{POPSIZE - 1} losses given;"),
+        ({**good, "losses": [*losses, 1.0]}, 400, f"{POPSIZE + 1} losses given;"),
+        ({**good, "losses": [*losses[:-1], 1e12]}, 400, "loss 1e+12 is outside"),
+        ({**good, "losses": [*losses[:-1], float("nan")]}, 422, "losses must be finite"),
     ]
     before = coord.dump()
-    for body, status in cases:
+    for body, status, message in cases:
         r = coord.post_update(run_id, 0, a, json.dumps(body))
-        assert r.status_code == status, (body["losses"], r.text)
-        assert "loss" in r.text
+        assert r.status_code == status and message in r.text, (body["losses"], r.text)
     assert coord.dump() == before
     assert coord.post_update(run_id, 0, a, json.dumps(good)).status_code == 200
 
@@ -135,7 +136,8 @@ def test_updates_without_the_right_losses_are_refused_and_change_nothing(coord: 
     other, (c,) = coord.new_run(1)
     update = json.loads(synthetic_update(coord.task(other, c), 1).model_dump_json())
     r = coord.post_update(other, 0, c, json.dumps({**update, "losses": [0.5]}))
-    assert r.status_code == 400 and "not losses" in r.text
+    assert r.status_code == 400, r.text
+    assert "takes a local search's mean, not losses; send the update without losses" in r.text
 
 
 def test_a_database_of_schema_1_is_migrated(tmp_path: Path) -> None:
@@ -160,3 +162,24 @@ def test_a_database_of_an_unknown_schema_is_refused_with_both_versions(tmp_path:
         conn.execute("INSERT INTO meta (key, value) VALUES ('schema', '9')")
     with pytest.raises(RuntimeError, match="schema version 9 is not 2"):
         Store(path)
+
+
+def test_the_step_names_a_contribution_without_one_loss_per_candidate() -> None:
+    """Admission refuses these first; the step still says which site and why if one gets through
+    (``server_step`` then leaves that contribution out)."""
+    short = Contribution("site-a", np.zeros(DIM), 0.5, (1.0,), 1, 4, (0.5,) * (POPSIZE - 1))
+    missing = Contribution("site-b", np.zeros(DIM), 0.5, (1.0,), 1, 4, None)
+    with pytest.raises(
+        ValueError, match=f"^client site-a sent {POPSIZE - 1} losses for {POPSIZE} candidates$"
+    ):
+        pooled_losses([short], POPSIZE)
+    with pytest.raises(ValueError, match=f"^client site-b sent none losses for {POPSIZE} candidates$"):
+        pooled_losses([missing], POPSIZE)
+    with pytest.raises(
+        ValueError, match=r"^shared_es needs at least 3 candidates per generation \(local_popsize\)$"
+    ):
+        SharedPopulationES(dim=DIM, sigma0=1.0, rounds=3, popsize=2, seed=1)
+    # Pooled by n_samples: a site with 3 examples counts three times one with 1.
+    a = Contribution("a", np.zeros(DIM), 0.0, (1.0,), 1, 1, (1.0, 0.0, 0.0))
+    b = Contribution("b", np.zeros(DIM), 0.0, (1.0,), 1, 3, (0.0, 1.0, 0.0))
+    np.testing.assert_allclose(pooled_losses([a, b], 3), [0.25, 0.75, 0.0])
