@@ -82,7 +82,7 @@ class RunConfig(Strict):
     covariance_dtype: Literal["float32", "float64"] = "float32"
     mean_dtype: Literal["float64", "float32"] = Field(
         default="float64",
-        description="the global mean's dtype in a task: float64 (exact; the server's own) or float32 "
+        description="the global mean's (and shared_es's candidates') dtype in a task: float64 (exact; the server's own) or float32 "
         "(half the bytes: 2.7 KB instead of 5.3 KB at d = 500; the clients search around a mean "
         "rounded by ~1e-7 of its size)",
     )

@@ -183,3 +183,14 @@ def test_the_step_names_a_contribution_without_one_loss_per_candidate() -> None:
     a = Contribution("a", np.zeros(DIM), 0.0, (1.0,), 1, 1, (1.0, 0.0, 0.0))
     b = Contribution("b", np.zeros(DIM), 0.0, (1.0,), 1, 3, (0.0, 1.0, 0.0))
     np.testing.assert_allclose(pooled_losses([a, b], 3), [0.25, 0.75, 0.0])
+
+
+def test_float32_candidates_are_the_float64_ones_rounded() -> None:
+    exact = SharedPopulationES(dim=DIM, sigma0=1.0, rounds=3, popsize=POPSIZE, seed=SEED)
+    lean = SharedPopulationES(dim=DIM, sigma0=1.0, rounds=3, popsize=POPSIZE, seed=SEED, mean_dtype="float32")
+    state = exact.initial_state()
+    full, half = exact.payload(state), lean.payload(state)
+    assert full.candidates is not None and half.candidates is not None
+    assert full.candidates.dtype == "float64" and half.candidates.dtype == half.mean.dtype == "float32"
+    np.testing.assert_array_equal(half.candidates.numpy(), full.candidates.numpy().astype(np.float32))
+    assert len(half.model_dump_json()) < 0.6 * len(full.model_dump_json())
