@@ -140,11 +140,16 @@ def data_size_section(records: Sequence[CellResult], doc: Path) -> list[str]:
         "",
         f"![selected accuracy against shots per class]({path.relative_to(doc.parent).as_posix()})",
         "",
-        "| method | partition | shots per class | selected accuracy | seeds |",
-        "|---|---|---:|---:|---:|",
+        "| method | partition | shots per class | selected accuracy | final accuracy | seeds |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for (method, part, shots), value in sorted(points.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        lines.append(f"| {LABELS[method]} | {partition_title(part)} | {shots} | {value.pct()} | {value.n} |")
+    finals = tables.by_shots(records, final=True)
+    for key, value in sorted(points.items()):
+        method, part, shots = key
+        last = finals[key].pct() if key in finals else "–"
+        lines.append(
+            f"| {LABELS[method]} | {partition_title(part)} | {shots} | {value.pct()} | {last} | {value.n} |"
+        )
     return [*lines, ""]
 
 

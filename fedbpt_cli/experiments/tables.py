@@ -61,15 +61,18 @@ def accuracy_stats(records: Sequence[CellResult]) -> dict[tuple[str, str, str], 
     return {k: {kind: stat(v.get(kind, [])) for kind in KINDS} for k, v in values.items()}
 
 
-def by_shots(records: Sequence[CellResult]) -> dict[tuple[str, str, int], Stat]:
-    """(method, partition, shots per class) -> selected accuracy over seeds, from records whose
-    settings name their k_shot (a shots study); zero-shot rows sit at every shots count."""
+def by_shots(records: Sequence[CellResult], *, final: bool = False) -> dict[tuple[str, str, int], Stat]:
+    """(method, partition, shots per class) -> selected (or, with ``final``, final) accuracy over
+    seeds, from records whose settings name their k_shot (a shots study); zero-shot rows sit at
+    every shots count."""
     values: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     shots = sorted({int(r.settings["k_shot"]) for r in records if r.settings and "k_shot" in r.settings})
     for r in records:
         if r.status != "ok":
             continue
         accuracy = r.selected_accuracy if r.selected_accuracy is not None else r.final_accuracy
+        if final:
+            accuracy = r.final_accuracy
         if accuracy is None:
             continue
         if r.cell.method == "zero_shot":  # no training: one figure (the first), drawn at every count

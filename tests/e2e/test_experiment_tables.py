@@ -191,12 +191,14 @@ def test_the_shots_study_is_plotted_from_the_records_settings(tmp_path: Path) ->
     assert points[("fedbpt", "iid", 40)].mean == pytest.approx(0.71)
     assert points[("fedbpt", "iid", 200)].mean == pytest.approx(0.77)
     assert points[("zero_shot", "all", 40)].mean == points[("zero_shot", "all", 200)].mean == 0.71
+    finals = tables.by_shots(study, final=True)
+    assert finals[("fedbpt", "iid", 200)].mean == pytest.approx(0.5)  # the final states, not the selected
 
     grid = _grid()
     doc = write_document(grid, [], tmp_path, tmp_path / "doc" / "results.md", data_size=study)
     text = doc.read_text()
     assert "## How much data a federation needs" in text
-    assert "| FedBPT | IID | 200 | 77.00 ± 1.41 | 2 |" in text
+    assert "| FedBPT | IID | 200 | 77.00 ± 1.41 | 50.00 ± 0.00 | 2 |" in text
     assert (tmp_path / "doc" / "results" / "data_size.png").stat().st_size > 5000
     plain = write_document(grid, [], tmp_path, tmp_path / "plain" / "results.md").read_text()
     assert "How much data" not in plain  # the grid names no study
