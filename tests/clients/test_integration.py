@@ -78,6 +78,20 @@ def _run_clients(
     return clients
 
 
+def _start_run(coordinator_url: str, config: RunConfig, sites: int = 2) -> tuple[str, list[str]]:
+    """Create the run, enrol ``site-0`` .. ``site-{sites-1}``, start it: (run id, their tokens)."""
+    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
+        created = admin.post("/v1/runs", json=config.model_dump(mode="json"))
+        assert created.status_code == 201, created.text
+        run_id: str = created.json()["run_id"]
+        tokens = [
+            admin.post(f"/v1/runs/{run_id}/clients", json={"name": f"site-{k}"}).json()["token"]
+            for k in range(sites)
+        ]
+        assert admin.post(f"/v1/runs/{run_id}/start").status_code == 200
+    return run_id, tokens
+
+
 def _rounds(body: Any) -> list[dict[str, Any]]:
     return body["rounds"] if isinstance(body, dict) and "rounds" in body else body
 
@@ -200,13 +214,7 @@ def test_shared_es_sites_score_the_servers_candidates(
         max_input_tokens=32,
         eval_every=0,
     )
-    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
-        run_id = admin.post("/v1/runs", json=config.model_dump(mode="json")).json()["run_id"]
-        tokens = [
-            admin.post(f"/v1/runs/{run_id}/clients", json={"name": f"site-{k}"}).json()["token"]
-            for k in range(2)
-        ]
-        assert admin.post(f"/v1/runs/{run_id}/start").status_code == 200
+    run_id, tokens = _start_run(coordinator_url, config)
     _run_clients(model_url, coordinator_url, tmp_path, tokens, write_jsonl(tmp_path / "t.jsonl", SST2_SAMPLE))
     with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
         assert admin.get(f"/v1/runs/{run_id}").json()["state"] == "finished"
@@ -247,13 +255,7 @@ def test_a_client_killed_mid_run_is_restarted_and_the_run_completes(
         max_input_tokens=32,
         eval_every=0,
     )
-    with httpx.Client(base_url=coordinator_url, headers=HEADERS, timeout=30) as admin:
-        run_id = admin.post("/v1/runs", json=config.model_dump(mode="json")).json()["run_id"]
-        tokens = [
-            admin.post(f"/v1/runs/{run_id}/clients", json={"name": f"site-{k}"}).json()["token"]
-            for k in range(2)
-        ]
-        assert admin.post(f"/v1/runs/{run_id}/start").status_code in (200, 202, 204)
+    run_id, tokens = _start_run(coordinator_url, config)
 
     def start(k: int, attempt: int) -> ManagedProcess:
         data = write_jsonl(tmp_path / f"client_{k}.jsonl", SST2_SAMPLE[k::2])
