@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedbpt_cli.experiments import tables
 from fedbpt_cli.experiments.figures import save_figure
@@ -26,22 +27,23 @@ def forms_section(records: Sequence[CellResult], doc: Path) -> list[str]:
             "against the downlink for each form of the covariance.",
             "",
         ]
-    full = {row.dim: row.down for row in rows if row.form == "full"}
+    full = {(row.task, row.dim): row.down for row in rows if row.form == "full"}
     lines = [
         "What a task carries of the server's covariance C (`covariance` in RunConfig; the server "
-        "always keeps the full C): FedBPT, SST-2 IID, 10 clients, 20 rounds, the results grid's "
-        "settings (experiments/communication/grid.yaml). Bytes per client and round measured on the "
-        "wire (JSON, arrays as base64); accuracy of the selected and the final prompt on the whole "
-        "test set, mean ± std over seeds.",
+        "always keeps the full C): FedBPT IID, 10 clients, 40 shots per class, the results grid's "
+        "settings and budgets (SST-2 20 rounds, AG News 5; experiments/communication/grid.yaml). "
+        "Bytes per client and round measured on the wire (JSON, arrays as base64); accuracy of the "
+        "selected and the final prompt on the whole test set, mean ± std over seeds.",
         "",
-        "| d | C sent as | coordinator → client | vs full C | client → coordinator | selected | final | seeds |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| task | d | C sent as | coordinator → client | vs full C | client → coordinator | selected | final | seeds |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        ratio = f"{full[row.dim] / row.down:,.1f}x smaller" if row.dim in full and row.form != "full" else "–"
+        key = (row.task, row.dim)
+        ratio = f"{full[key] / row.down:,.1f}x smaller" if key in full and row.form != "full" else "–"
         seeds = row.selected.n if row.selected else 0
         lines.append(
-            f"| {row.dim} | {row.form} | {row.down:,.0f} | {ratio} | {row.up:,.0f} | "
+            f"| {row.task} | {row.dim} | {row.form} | {row.down:,.0f} | {ratio} | {row.up:,.0f} | "
             f"{row.selected.pct() if row.selected else '–'} | {row.final.pct() if row.final else '–'} | {seeds} |"
         )
     path = plot_forms(rows, doc.parent / "results" / "covariance_forms.png")
@@ -54,13 +56,22 @@ def forms_section(records: Sequence[CellResult], doc: Path) -> list[str]:
 
 
 def plot_forms(rows: Sequence[tables.FormRow], path: Path) -> Path:
+    """Selected accuracy against downlink, one panel per task, one marker per d."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    tasks = sorted({row.task for row in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        _plot_task(ax, [row for row in rows if row.task == task], task)
+    return save_figure(fig, path)
+
+
+def _plot_task(ax: Any, rows: Sequence[tables.FormRow], task: str) -> None:
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, dim in enumerate(sorted({row.dim for row in rows})):
         for row in (r for r in rows if r.dim == dim and r.selected):
             assert row.selected is not None
@@ -70,11 +81,10 @@ def plot_forms(rows: Sequence[tables.FormRow], path: Path) -> Path:
                         textcoords="offset points", xytext=(4, 4))  # fmt: skip
         ax.plot([], [], "os"[i % 2], color=f"C{i}", label=f"d = {dim}")
     ax.set(xscale="log", xlabel="coordinator → client, bytes per client and round",
-           ylabel="selected prompt, test accuracy (%)", title="SST-2, FedBPT IID: what C costs")  # fmt: skip
+           ylabel="selected prompt, test accuracy (%)", title=f"{task}, FedBPT IID: what C costs")  # fmt: skip
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: no overlapping labels
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return save_figure(fig, path)
 
 
 def refresh_block(path: Path, lines: Sequence[str]) -> bool:

@@ -190,6 +190,7 @@ def wall_seconds(records: Sequence[CellResult]) -> dict[tuple[str, str, str], St
 class FormRow:
     """One covariance form of the communication study: its downlink and what it cost in accuracy."""
 
+    task: str  # the run's task preset (sst2, ag_news, ...)
     dim: int
     form: str  # "full", "diagonal", "lowrank k = 8", "identity"; ", float32 mean" where the mean is
     down: float  # coordinator -> client, bytes per client and round (measured)
@@ -199,11 +200,11 @@ class FormRow:
 
 
 def covariance_forms(records: Sequence[CellResult]) -> list[FormRow]:
-    """FedBPT cells grouped by (d, what the task carried of C), from each record's run settings;
-    d ascending, the heaviest form first."""
+    """FedBPT cells grouped by (task, d, what the task carried of C), from each record's run
+    settings; by task, then d ascending, the heaviest form first."""
     from protos import RunConfig  # the settings are RunConfig fields; read them as the run did
 
-    groups: dict[tuple[int, str], list[CellResult]] = defaultdict(list)
+    groups: dict[tuple[str, int, str], list[CellResult]] = defaultdict(list)
     for r in records:
         if r.status == "ok" and r.cell.method.startswith("fedbpt") and r.settings:
             config = RunConfig.model_validate(r.settings["run"])
@@ -212,14 +213,15 @@ def covariance_forms(records: Sequence[CellResult]) -> list[FormRow]:
             )
             if config.mean_dtype != "float64":  # another task on the wire: its own row
                 form += f", {config.mean_dtype} mean"
-            groups[(config.dim, form)].append(r)
+            groups[(config.task, config.dim, form)].append(r)
     rows = []
-    for (dim, form), group in groups.items():
+    for (task, dim, form), group in groups.items():
         selected = [
             r.selected_accuracy if r.selected_accuracy is not None else r.final_accuracy for r in group
         ]
         rows.append(
             FormRow(
+                task=task,
                 dim=dim,
                 form=form,
                 down=statistics.fmean(
@@ -232,4 +234,4 @@ def covariance_forms(records: Sequence[CellResult]) -> list[FormRow]:
                 final=stat([r.final_accuracy for r in group if r.final_accuracy is not None]),
             )
         )
-    return sorted(rows, key=lambda row: (row.dim, -row.down))
+    return sorted(rows, key=lambda row: (row.task, row.dim, -row.down))

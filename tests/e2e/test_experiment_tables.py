@@ -211,7 +211,7 @@ def test_the_shots_study_is_plotted_from_the_records_settings(tmp_path: Path) ->
 def test_the_covariance_forms_study_is_tabulated_from_the_records_settings(tmp_path: Path) -> None:
     """The forms section groups FedBPT records by (d, the form their run settings name), averages
     the measured downlink and the selected accuracy over seeds, states the saving against the full
-    C of the same d, and refreshes the marked block of performance.md beside the document."""
+    C of the same task and d, and refreshes the marked block of performance.md beside the document."""
     study = []
     for form, down, accs in (("full", 55_000.0, (0.72, 0.70)), ("lowrank", 5_500.0, (0.71, 0.73))):
         for seed, acc in enumerate(accs):
@@ -232,7 +232,7 @@ def test_the_covariance_forms_study_is_tabulated_from_the_records_settings(tmp_p
         CellResult(cell=Cell(dataset="z", partition="all", method="zero_shot", seed=None), final_accuracy=0.7)
     )
     rows = tables.covariance_forms(study)
-    assert [(r.dim, r.form) for r in rows] == [(100, "full"), (100, "lowrank k = 8")]
+    assert [(r.task, r.dim, r.form) for r in rows] == [("sst2", 100, "full"), ("sst2", 100, "lowrank k = 8")]
     # The same form with a float32 mean is another task on the wire: its own row, not another seed.
     f32 = {"projection": {"intrinsic_dim": 100}, "covariance": "lowrank", "mean_dtype": "float32"}
     lean = CellResult(
@@ -246,11 +246,22 @@ def test_the_covariance_forms_study_is_tabulated_from_the_records_settings(tmp_p
     assert rows[1].down == pytest.approx(5_500.5) and rows[1].selected is not None
     assert rows[1].selected.mean == pytest.approx(0.72) and rows[1].selected.n == 2
 
+    # Another task's full C is its own row and never the saving's reference for SST-2's forms.
+    ag_run = {"task": "yelp_polarity", "projection": {"intrinsic_dim": 100}, "covariance": "full"}
+    ag_full = CellResult(
+        cell=Cell(dataset="yelp", partition="iid", method="fedbpt", seed=0),
+        selected_accuracy=0.8,
+        bytes_per_client_per_round={"coordinator_to_client": 60_000.0, "client_to_coordinator": 1600.0},
+        settings={"run": ag_run},
+    )
+    assert [(r.task, r.form) for r in tables.covariance_forms([*study, ag_full])][-1] == ("yelp_polarity", "full")
+    study.append(ag_full)
+
     (tmp_path / "doc").mkdir()
     perf = tmp_path / "doc" / "performance.md"
     perf.write_text("# P\n<!-- fedbpt:covariance-forms -->\nold\n<!-- /fedbpt:covariance-forms -->\ntail\n")
     text = write_document(_grid(), [], tmp_path, tmp_path / "doc" / "results.md", forms=study).read_text()
-    line = "| 100 | lowrank k = 8 | 5,500 | 10.0x smaller | 1,600 | 72.00 ± 1.41 | 60.00 ± 0.00 | 2 |"
+    line = "| sst2 | 100 | lowrank k = 8 | 5,500 | 10.0x smaller | 1,600 | 72.00 ± 1.41 | 60.00 ± 0.00 | 2 |"
     assert "### What a task carries of the covariance" in text and line in text
     refreshed = perf.read_text()
     assert line in refreshed and "old" not in refreshed and refreshed.endswith("tail\n")
