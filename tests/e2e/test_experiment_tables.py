@@ -254,7 +254,8 @@ def test_the_covariance_forms_study_is_tabulated_from_the_records_settings(tmp_p
         bytes_per_client_per_round={"coordinator_to_client": 60_000.0, "client_to_coordinator": 1600.0},
         settings={"run": ag_run},
     )
-    assert [(r.task, r.form) for r in tables.covariance_forms([*study, ag_full])][-1] == ("yelp_polarity", "full")
+    last = tables.covariance_forms([*study, ag_full])[-1]
+    assert (last.task, last.form) == ("yelp_polarity", "full")
     study.append(ag_full)
 
     (tmp_path / "doc").mkdir()
