@@ -48,8 +48,7 @@ class RoundHooks(Protocol):
 
 @dataclass
 class UpdateResult:
-    ack: UpdateAck
-    body: bytes
+    body: bytes  # the UpdateAck as sent
     completes: bool
 
 
@@ -116,7 +115,7 @@ class Rounds:
             if self.store.has_update(run_id, round_, client_id):
                 ack = UpdateAck(accepted=True, duplicate=True, round=round_, round_closed=closed)
                 self.hooks.update_accepted(True, bytes_in)
-                return UpdateResult(ack, ack.model_dump_json().encode(), completes=False)
+                return UpdateResult(ack.model_dump_json().encode(), completes=False)
             if run.state == "failed":
                 raise Conflict(f"run {run_id} failed: {run.error}")
             if closed:
@@ -155,7 +154,7 @@ class Rounds:
         m = update.metrics
         if m.val_loss is not None:  # the site's validation of state round_ (what it received)
             self.store.add_validation(run_id, rnd.round, client_id, m.val_loss, m.val_accuracy, m.n_val)
-        return UpdateResult(ack, body, completes)
+        return UpdateResult(body, completes)
 
     # ----- closing -----
     def close(self, run_id: str, round_: int, at_deadline: bool) -> CloseResult:
