@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,6 +257,16 @@ class Validation:
     loss: float
     accuracy: float | None
     n: int
+
+
+def _weighted_validation(rows: Sequence[sqlite3.Row]) -> Validation:
+    """The count-weighted mean of the sites' validation reports of one state (the accuracy over
+    the sites that reported one, with every site's count in the total, as for the loss). Each
+    value is scaled by its weight n_i / n before the sum, so finite reports give a finite mean."""
+    n = sum(int(r["n"]) for r in rows)
+    loss = sum(float(r["loss"]) * (int(r["n"]) / n) for r in rows)
+    accuracies = [float(r["accuracy"]) * (int(r["n"]) / n) for r in rows if r["accuracy"] is not None]
+    return Validation(loss, sum(accuracies) if accuracies else None, n)
 
 
 def select_state(validations: dict[int, Validation]) -> int | None:
@@ -684,13 +694,17 @@ class Store:
         )
 
     def validation_by_state(self, run_id: str) -> dict[int, Validation]:
-        """Per global state: the sites' validation loss and accuracy, weighted by their counts."""
+        """Per global state: the sites' validation loss and accuracy, weighted by their counts.
+        Summed here, not by SQL: each count may be up to 2**62 (admission's bound), and SQLite's
+        SUM of two of them overflows (a 500 on every read of the run)."""
         rows = self._all(
-            "SELECT idx, SUM(loss * n) / SUM(n) AS loss, SUM(accuracy * n) / SUM(n) AS accuracy, "
-            "SUM(n) AS n FROM validations WHERE run_id = ? GROUP BY idx ORDER BY idx",
+            "SELECT idx, loss, accuracy, n FROM validations WHERE run_id = ? ORDER BY idx, client_id",
             (run_id,),
         )
-        return {int(r["idx"]): Validation(float(r["loss"]), r["accuracy"], int(r["n"])) for r in rows}
+        by_state: dict[int, list[sqlite3.Row]] = {}
+        for r in rows:
+            by_state.setdefault(int(r["idx"]), []).append(r)
+        return {idx: _weighted_validation(group) for idx, group in by_state.items()}
 
     # ----- traffic -----
     def add_traffic(self, run_id: str, round_: int, client_id: str, bytes_in: int, bytes_out: int) -> None:

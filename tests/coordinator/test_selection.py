@@ -132,3 +132,21 @@ def test_an_update_with_half_a_validation_is_refused(coord: Coordinator) -> None
         assert r.status_code == 400, r.text
         assert "val" in r.json()["detail"]
     assert coord.dump() == before
+
+
+def test_validation_counts_beyond_int64_when_summed_still_weigh(coord: Coordinator) -> None:
+    """Two sites may each report up to 2**62 validation examples (admission's bound); their sum
+    overflows SQLite's 64-bit SUM. Found by test_numeric_requests' 200-case run: every read of the
+    run (GET /v1/runs, /v1/runs/{id}) answered 500. Breaks caught: SUM(n) in
+    Store.validation_by_state (sqlite3.OperationalError: integer overflow)."""
+    run_id, sites = coord.new_run(2, rounds=1)
+    for k, site in enumerate(sites):
+        metrics = ClientMetrics(train_loss=0.6, val_loss=0.5 + 0.25 * k, val_accuracy=0.5, n_val=2**62)
+        task = coord.task(run_id, site)
+        assert (
+            coord.post_update(run_id, 0, site, synthetic_update(task, k, metrics=metrics)).status_code == 200
+        )
+    info = RunInfo.model_validate(coord.info(run_id))
+    assert info.selected_state == 0 and info.selected_val_loss == pytest.approx(0.625)
+    assert coord.rounds(run_id)[0]["n_val"] == 2**63
+    assert coord.http.get("/v1/runs", headers=ADMIN_HEADERS).status_code == 200
