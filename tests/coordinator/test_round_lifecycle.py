@@ -115,6 +115,28 @@ def test_a_close_that_keeps_raising_fails_the_run_exactly_at_the_limit(
     assert engine.rounds_._failures == {}
 
 
+def test_a_close_that_succeeds_forgets_the_failures_and_an_open_one_reports_nothing(
+    coordinator_factory: Callable[..., Coordinator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Breaks caught: `close` 15 and 16 (a round still open counted as a result and its failures
+    forgotten), 17 (the failures of a round that then closed kept)."""
+    coord = coordinator_factory(deadline_check_interval_s=NEVER)
+    run_id, (a, b) = coord.new_run(2, rounds=3)
+    engine = _engine(coord)
+    assert coord.train(run_id, a, 1).status_code == 200
+    engine.rounds_._failures[(run_id, 0)] = 1
+    assert engine.rounds_.close(run_id, 0, at_deadline=False) == "open"  # b has not answered
+    assert engine.rounds_._failures == {(run_id, 0): 1}
+    assert 'result="open"' not in coord.http.get("/metrics").text
+    with monkeypatch.context() as m:
+        m.setattr(engine.store, "save_state", _full_disk)
+        assert coord.train(run_id, b, 2).status_code == 200
+        assert engine.check_rounds() == []
+    assert engine.rounds_._failures == {(run_id, 0): 2}
+    assert engine.check_rounds() == [run_id]  # the disk is back: the round closes
+    assert coord.info(run_id)["round"] == 1 and engine.rounds_._failures == {}
+
+
 def test_a_failure_that_cannot_be_recorded_is_retried_from_a_fresh_count(
     coordinator_factory: Callable[..., Coordinator],
     monkeypatch: pytest.MonkeyPatch,
@@ -146,7 +168,8 @@ def test_a_failure_that_cannot_be_recorded_is_retried_from_a_fresh_count(
 
 
 def test_a_finished_run_stores_when_it_ended(coord: Coordinator) -> None:
-    """Breaks caught: `_commit` 42 (a finished run without its end time)."""
+    """Breaks caught: `_commit` 42 (a finished run without its end time), `close` 21 (the
+    aggregation time not observed)."""
     run_id, sites = coord.new_run(2, rounds=1)
     before = time.time()
     for k, site in enumerate(sites):
@@ -154,13 +177,14 @@ def test_a_finished_run_stores_when_it_ended(coord: Coordinator) -> None:
     row = _engine(coord).store.run(run_id)
     assert row.state == "finished"
     assert row.finished_at is not None and before <= row.finished_at <= time.time()
+    assert _metric(coord, "fedbpt_coordinator_aggregation_seconds_count 1.0")
 
 
 def test_a_reissue_is_logged_and_counted_and_the_last_attempt_fails_with_its_time(
     coord: Coordinator, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Breaks caught: `_reissue_or_fail` 4 (the failure's time), 28-35 and 38 (the log line),
-    39 and 40 (the metric's label)."""
+    """Breaks caught: `_reissue_or_fail` 4 (the failure's time), 14 (the re-issued round without
+    the sigma its task carries), 28-35 and 38 (the log line), 39 and 40 (the metric's label)."""
     caplog.set_level(logging.INFO, logger="coordinator.rounds")
     run_id, (a, *_) = coord.new_run(3, min_clients=2, round_timeout_s=0.3, max_round_attempts=2)
     coord.train(run_id, a, 1)
@@ -170,7 +194,9 @@ def test_a_reissue_is_logged_and_counted_and_the_last_attempt_fails_with_its_tim
             break
         time.sleep(0.05)
     assert coord.info(run_id)["state"] == "failed"
-    sample = coord.rounds(run_id)[0]["sampled"]
+    record = coord.rounds(run_id)[0]
+    assert record["attempt"] == 2 and record["sigma_before"] == pytest.approx(1.0)  # sigma0
+    sample = record["sampled"]
     assert f"run {run_id}: round 0 re-issued (attempt 2, 1 answer(s) kept, sample {sample})" in [
         r.getMessage() for r in caplog.records
     ]

@@ -71,6 +71,7 @@ def test_the_state_with_the_lowest_validation_loss_is_handed_out(coord: Coordina
         [(v * 2 + (v + 0.03) * 4) / 6 for v in VAL_LOSS[:3]]
     )
     assert [r["n_val"] for r in rounds] == [6, 6, 6]
+    assert [r["val_accuracy"] for r in rounds] == pytest.approx([0.7, 0.7, 0.7])
     assert rounds[-1]["final_val_loss"] == pytest.approx(final.val_loss)
 
 
