@@ -29,6 +29,12 @@ def _metric(coord: Coordinator, line: str) -> bool:
     return line in coord.http.get("/metrics").text
 
 
+def _round_results(coord: Coordinator) -> list[str]:
+    """The round-result counter's lines of /metrics (one per result label counted so far)."""
+    text = coord.http.get("/metrics").text
+    return [line for line in text.splitlines() if line.startswith("fedbpt_coordinator_rounds_total{")]
+
+
 def _full_disk(*args: Any) -> None:
     raise sqlite3.OperationalError("database or disk is full")
 
@@ -93,7 +99,8 @@ def test_a_close_that_keeps_raising_fails_the_run_exactly_at_the_limit(
     counted and logged, and the count forgotten.
     Breaks caught: `_count_failure` 7 (counting from 1), 10 and 11 (an open round reported as
     changed), 16 (the type's name), 19 (no end time), 33, 36, 37 (the metric's label), `_fail` 3,
-    8, 9, 13 (the log line and its time)."""
+    8, 9, 13 (the log line and its time), `_close` 11, 21, 22 (a failed run's open round closed
+    anyway, or reported)."""
     coord = coordinator_factory(deadline_check_interval_s=NEVER)
     run_id, sites = coord.new_run(2, rounds=3)
     engine = _engine(coord)
@@ -111,15 +118,21 @@ def test_a_close_that_keeps_raising_fails_the_run_exactly_at_the_limit(
     finished_at = engine.store.run(run_id).finished_at
     assert finished_at is not None and before <= finished_at <= time.time()
     assert f"run {run_id}: {error}" in [r.getMessage() for r in caplog.records]
-    assert _metric(coord, 'fedbpt_coordinator_rounds_total{result="failed"} 1.0')
+    assert _round_results(coord) == ['fedbpt_coordinator_rounds_total{result="failed"} 1.0']
     assert engine.rounds_._failures == {}
+    # The disk is back, but the run failed: its open round is never closed.
+    monkeypatch.undo()
+    assert engine.rounds_.close(run_id, 0, at_deadline=True) == "open"
+    assert coord.info(run_id)["state"] == "failed" and coord.rounds(run_id)[0]["state"] == "open"
+    assert _round_results(coord) == ['fedbpt_coordinator_rounds_total{result="failed"} 1.0']
 
 
 def test_a_close_that_succeeds_forgets_the_failures_and_an_open_one_reports_nothing(
     coordinator_factory: Callable[..., Coordinator], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Breaks caught: `close` 15 and 16 (a round still open counted as a result and its failures
-    forgotten), 17 (the failures of a round that then closed kept)."""
+    forgotten), 17 (the failures of a round that then closed kept), `_close` 39 and 40 (a round
+    waiting for answers reported under another result)."""
     coord = coordinator_factory(deadline_check_interval_s=NEVER)
     run_id, (a, b) = coord.new_run(2, rounds=3)
     engine = _engine(coord)
@@ -127,7 +140,7 @@ def test_a_close_that_succeeds_forgets_the_failures_and_an_open_one_reports_noth
     engine.rounds_._failures[(run_id, 0)] = 1
     assert engine.rounds_.close(run_id, 0, at_deadline=False) == "open"  # b has not answered
     assert engine.rounds_._failures == {(run_id, 0): 1}
-    assert 'result="open"' not in coord.http.get("/metrics").text
+    assert _round_results(coord) == []
     with monkeypatch.context() as m:
         m.setattr(engine.store, "save_state", _full_disk)
         assert coord.train(run_id, b, 2).status_code == 200
