@@ -6,6 +6,7 @@ against (mutmut's numbering, `make mutation GROUP=rounds`; docs/development.md).
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -72,7 +73,8 @@ def test_duplicates_and_round_results_are_counted(
     coord: Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Breaks caught: `accept` 46, 50 and 79 (a resent update counted as new, or a new one with
-    no label), `_fail` 15 and 16 (a failed round counted under another result)."""
+    no label), `_fail` 15 and 16 (a failed round counted under another result), `_close` 68 (an
+    aggregation failure without its end time)."""
     run_id, (a, b) = coord.new_run(2, rounds=2)
     update = synthetic_update(coord.task(run_id, a), 1)
     assert coord.post_update(run_id, 0, a, update).status_code == 200
@@ -84,8 +86,11 @@ def test_duplicates_and_round_results_are_counted(
         raise AggregationError("the test's step refuses")
 
     monkeypatch.setattr(rounds_module, "server_step", refuses)
+    before = time.time()
     assert coord.train(run_id, b, 2).status_code == 200
     assert coord.info(run_id)["state"] == "failed"
+    finished_at = _engine(coord).store.run(run_id).finished_at
+    assert finished_at is not None and before <= finished_at <= time.time()
     assert _metric(coord, 'fedbpt_coordinator_rounds_total{result="failed"} 1.0')
 
 
@@ -216,3 +221,23 @@ def test_a_reissue_is_logged_and_counted_and_the_last_attempt_fails_with_its_tim
     assert _metric(coord, 'fedbpt_coordinator_rounds_total{result="reissued"} 1.0')
     finished_at = _engine(coord).store.run(run_id).finished_at
     assert finished_at is not None and before <= finished_at <= time.time()
+
+
+def test_a_close_logs_what_it_used_and_what_it_left_out(
+    coord: Coordinator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The robust screen (`robust: reject`) leaves out the site whose mean moved too far; the
+    close logs that and how many of the updates it used.
+    Breaks caught: `_close` 91-100 (the left-out line), 101-109 (the closed line)."""
+    caplog.set_level(logging.INFO, logger="coordinator.rounds")
+    run_id, (a, b, far) = coord.new_run(3, rounds=2, robust="reject")
+    for k, site in enumerate((a, b)):
+        assert coord.train(run_id, site, k).status_code == 200
+    assert coord.train(run_id, far, 2, scale=5.0).status_code == 200  # ~20 > 3 * sigma * sqrt(16)
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"run {run_id}: round 0 left out ['{far.client_id}']" in messages
+    closed = [m for m in messages if m.startswith(f"run {run_id}: round 0 closed with")]
+    assert len(closed) == 1
+    assert re.fullmatch(
+        rf"run {run_id}: round 0 closed with 3 update\(s\) \(2 used\) in \d+\.\d ms of aggregation", closed[0]
+    )
