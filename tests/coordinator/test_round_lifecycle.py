@@ -40,6 +40,20 @@ def _full_disk(*args: Any) -> None:
     raise sqlite3.OperationalError("database or disk is full")
 
 
+def _answered_on_a_full_disk(
+    coordinator_factory: Callable[..., Coordinator], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Coordinator, str, Any]:
+    """A run whose two sites answered round 0 while saving a state fails (the deadline checker
+    runs only when the test calls it): (coordinator, run id, engine)."""
+    coord = coordinator_factory(deadline_check_interval_s=NEVER)
+    run_id, sites = coord.new_run(2, rounds=3)
+    engine = _engine(coord)
+    monkeypatch.setattr(engine.store, "save_state", _full_disk)
+    for k, site in enumerate(sites):
+        assert coord.train(run_id, site, k).status_code == 200
+    return coord, run_id, engine
+
+
 def test_refused_updates_say_which_round_and_why(coord: Coordinator) -> None:
     """Breaks caught: `accept` 5, 6, 8, 9 (the round checks' and/or, the created state's name),
     13 and 20 (a 404 without its detail), 60 and 61 (a failed run's update refused as a late one,
@@ -106,12 +120,7 @@ def test_a_close_that_keeps_raising_fails_the_run_exactly_at_the_limit(
     changed), 16 (the type's name), 19 (no end time), 33, 36, 37 (the metric's label), `_fail` 3,
     8, 9, 13 (the log line and its time), `_close` 11, 21, 22 (a failed run's open round closed
     anyway, or reported)."""
-    coord = coordinator_factory(deadline_check_interval_s=NEVER)
-    run_id, sites = coord.new_run(2, rounds=3)
-    engine = _engine(coord)
-    monkeypatch.setattr(engine.store, "save_state", _full_disk)
-    for k, site in enumerate(sites):
-        assert coord.train(run_id, site, k).status_code == 200
+    coord, run_id, engine = _answered_on_a_full_disk(coordinator_factory, monkeypatch)
     for _ in range(MAX_CLOSE_FAILURES - 1):
         assert engine.check_rounds() == []
         assert coord.info(run_id)["state"] == "running"
@@ -164,12 +173,7 @@ def test_a_failure_that_cannot_be_recorded_is_retried_from_a_fresh_count(
     checks count again from zero.
     Breaks caught: `_count_failure` 12 (the count kept), 23-30 (the log line), 31 and 32 (the
     round reported as changed)."""
-    coord = coordinator_factory(deadline_check_interval_s=NEVER)
-    run_id, sites = coord.new_run(2, rounds=3)
-    engine = _engine(coord)
-    monkeypatch.setattr(engine.store, "save_state", _full_disk)
-    for k, site in enumerate(sites):
-        assert coord.train(run_id, site, k).status_code == 200
+    coord, run_id, engine = _answered_on_a_full_disk(coordinator_factory, monkeypatch)
     caplog.set_level(logging.ERROR, logger="coordinator.rounds")
     with monkeypatch.context() as m:
         m.setattr(engine.store, "fail_run", _full_disk)
