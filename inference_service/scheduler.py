@@ -162,6 +162,9 @@ class Scheduler:
                 outcomes = [await loop.run_in_executor(executor, first.fn)]
         except Exception as exc:  # handed to the callers, who map it to HTTP
             outcomes = [exc] * len(jobs)
+        if len(outcomes) != len(jobs):  # a merge function's bug fails its callers, not the worker
+            bug = RuntimeError(f"merged scoring returned {len(outcomes)} results for {len(jobs)} requests")
+            outcomes = [bug] * len(jobs)
         for job, outcome in zip(jobs, outcomes, strict=True):
             if job.future.done():
                 continue

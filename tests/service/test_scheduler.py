@@ -243,3 +243,94 @@ def test_a_new_event_loop_gets_a_worker_even_without_stop() -> None:
 
     assert asyncio.run(use(1)) == 1
     assert asyncio.run(use(2)) == 2
+
+
+def test_a_merged_caller_that_went_away_during_the_run_leaves_the_others_their_results() -> None:
+    """The first caller of a merged group of three is cancelled while the model runs the group; the
+    other two still get their results. Break seen to fail: ``_run`` stopping at the first finished
+    future (``break`` for ``continue``: the later callers hang and ``wait_for`` times out)."""
+
+    async def scenario() -> list[str]:
+        scheduler, gate = Scheduler(), Gate()
+
+        def merge(items: list[str]) -> list[str]:
+            gate.job()()
+            return [item.upper() for item in items]
+
+        blocker = asyncio.create_task(scheduler.submit(lambda: "first"))
+        await blocker
+        group = [asyncio.create_task(scheduler.submit_merged(i, merge, key="k")) for i in "xyz"]
+        await _until(gate.entered)
+        group[0].cancel()
+        await asyncio.sleep(0)
+        gate.release.set()
+        results = await asyncio.wait_for(asyncio.gather(*group[1:]), 30)
+        assert group[0].cancelled()
+        await scheduler.stop()
+        return results
+
+    assert asyncio.run(scenario()) == ["Y", "Z"]
+
+
+def test_a_merge_that_returns_the_wrong_count_fails_its_callers_not_the_worker() -> None:
+    """A merge function that returns fewer outcomes than items (a bug of the scorer) fails each caller
+    of the group with an error naming the counts, and the worker serves the next job. Break seen to
+    fail: the count check removed (``zip(strict=True)`` then raises in the worker loop, which dies:
+    the callers hang and ``wait_for`` times out; with ``strict`` off too, the third caller hangs)."""
+
+    def merge(items: list[str]) -> list[str]:
+        return items[:-1]
+
+    async def scenario() -> None:
+        scheduler, gate = Scheduler(), Gate()
+        blocker = asyncio.create_task(scheduler.submit(gate.job()))
+        await _until(gate.entered)
+        group = [asyncio.create_task(scheduler.submit_merged(i, merge, key="k")) for i in "xyz"]
+        await asyncio.sleep(0)
+        gate.release.set()
+        await blocker
+        outcomes = await asyncio.wait_for(asyncio.gather(*group, return_exceptions=True), 30)
+        assert [str(o) for o in outcomes] == ["merged scoring returned 2 results for 3 requests"] * 3
+        assert all(isinstance(o, RuntimeError) for o in outcomes)
+        assert await asyncio.wait_for(scheduler.submit(lambda: "next"), 30) == "next"
+        assert scheduler.healthy()
+        await scheduler.stop()
+
+    asyncio.run(scenario())
+
+
+def test_stop_does_not_wait_for_the_running_job_and_ends_the_model_thread() -> None:
+    """``stop`` returns while a job still runs on the model thread (the model call cannot be
+    interrupted; shutdown must not hang on it), fails the queued caller with exactly "the service is
+    shutting down", and the model thread ends once its job is done. Breaks seen to fail: the
+    executor shut down with ``wait=True`` (``stop`` returns only when the timer releases the job),
+    its shutdown skipped (``is None`` for ``is not None``: the thread never ends), the message
+    changed."""
+    threads: list[threading.Thread] = []
+
+    async def scenario() -> bool:
+        scheduler, gate = Scheduler(), Gate()
+
+        def job() -> str:
+            threads.append(threading.current_thread())
+            return gate.job()()  # type: ignore[no-any-return]
+
+        blocker = asyncio.create_task(scheduler.submit(job))
+        await _until(gate.entered)
+        queued = asyncio.create_task(scheduler.submit(lambda: "never"))
+        await asyncio.sleep(0)
+        timer = threading.Timer(10, gate.release.set)  # only a stop that waits would see it fire
+        timer.start()
+        await scheduler.stop()
+        released_before_stop_returned = gate.release.is_set()
+        with pytest.raises(Unavailable) as refused:
+            await asyncio.wait_for(queued, 30)
+        assert str(refused.value) == "the service is shutting down"
+        gate.release.set()
+        timer.cancel()
+        blocker.cancel()
+        return released_before_stop_returned
+
+    assert asyncio.run(scenario()) is False
+    threads[0].join(30)
+    assert not threads[0].is_alive()
