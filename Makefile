@@ -76,7 +76,8 @@ lint: setup
 # (git-ignored; the tests there find the shared data through FEDBPT_SHARED_DATA). Every mutant
 # of the group is retested each time (mutmut would otherwise keep a survivor's verdict after a test
 # was added to kill it); MUTANTS='glob' narrows it, e.g. MUTANTS='protos.arrays.x_decode_array*'.
-# Scores and survivors: docs/development.md.
+# One math thread: mutmut forks each mutant's run from a process that has imported torch, and a forked
+# child waits forever on the parent's OpenMP pool (a false timeout). Scores and survivors: docs/development.md.
 MUTATION_GROUPS = aggregation arrays perturb losses rounds training service scheduler
 GROUP ?= aggregation
 MUTANTS ?= *
@@ -84,7 +85,7 @@ MUTATION_JOBS ?= 2
 mutation: setup
 	@[ -f mutation/$(GROUP)/pyproject.toml ] || { echo "GROUP must be one of: $(MUTATION_GROUPS)"; exit 2; }
 	cd mutation/$(GROUP) && for p in protos coordinator fed_clients inference_service tests; do ln -sfn ../../$$p $$p; done
-	set -o pipefail; cd mutation/$(GROUP) && FEDBPT_SHARED_DATA=$${FEDBPT_SHARED_DATA:-$(abspath $(DATA))} ../../$(BIN)/mutmut run --max-children $(MUTATION_JOBS) '$(MUTANTS)' | tr '\r' '\n' | grep -v '^⠋\|^⠙\|^⠹\|^⠸\|^⠼\|^⠴\|^⠦\|^⠧\|^⠇\|^⠏' | grep -v '^ *$$\|^🎉'
+	set -o pipefail; cd mutation/$(GROUP) && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 FEDBPT_THREADS=1 FEDBPT_SHARED_DATA=$${FEDBPT_SHARED_DATA:-$(abspath $(DATA))} ../../$(BIN)/mutmut run --max-children $(MUTATION_JOBS) '$(MUTANTS)' | tr '\r' '\n' | grep -v '^⠋\|^⠙\|^⠹\|^⠸\|^⠼\|^⠴\|^⠦\|^⠧\|^⠇\|^⠏' | grep -v '^ *$$\|^🎉'
 	cd mutation/$(GROUP) && ../../$(BIN)/mutmut export-cicd-stats >/dev/null && cat mutants/mutmut-cicd-stats.json && echo
 	@echo "surviving mutants (mutmut show NAME in mutation/$(GROUP) prints the diff):"
 	@cd mutation/$(GROUP) && ../../$(BIN)/mutmut results
