@@ -78,7 +78,7 @@ lint: setup
 # was added to kill it); MUTANTS='glob' narrows it, e.g. MUTANTS='protos.arrays.x_decode_array*'.
 # One math thread: mutmut forks each mutant's run from a process that has imported torch, and a forked
 # child waits forever on the parent's OpenMP pool (a false timeout). Scores and survivors: docs/development.md.
-MUTATION_GROUPS = aggregation arrays perturb losses rounds training service scheduler
+MUTATION_GROUPS = aggregation arrays perturb losses rounds store training service scheduler
 GROUP ?= aggregation
 MUTANTS ?= *
 MUTATION_JOBS ?= 2

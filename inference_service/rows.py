@@ -112,7 +112,9 @@ def plan_chunks(
 ) -> list[list[int]]:
     """Split the P x B rows (row r = p * B + b) into forward passes of at most ``max_batch_tokens``
     padded tokens (rows x the chunk's longest row; a single longer row goes alone). With
-    ``bucketing`` rows are sorted by length first, so each chunk pads only to rows of similar length."""
+    ``bucketing`` rows are sorted by length first, so each chunk pads only to rows of similar length;
+    rows of equal length go input by input, so one input's P candidates share a pass and differ
+    only by their prompts when CMA-ES ranks them (kernels may tile two passes differently)."""
     num_inputs = len(lengths)
     row_lengths = [lengths[r % num_inputs] for r in range(num_prompts * num_inputs)]
     return plan_rows(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inference_service.errors import BadRequest
-from inference_service.rows import Sequences, assemble, perturb_template, plan_chunks
+from inference_service.rows import Sequences, assemble, perturb_template, plan_chunks, plan_rows
 from inference_service.tasks import compile_task
 from inference_service.text import TextCodec
 from protos import TaskSpec, TemplatePerturbation
@@ -122,6 +122,33 @@ def test_too_long_says_by_how_much(zoo: Zoo) -> None:
         assemble(task, inputs, codec, 5, 40)
 
 
+def test_too_long_names_the_longest_of_several_and_counts_its_tokens(zoo: Zoo) -> None:
+    """Two rows over the limit, the longer one not first: the error names the longest and splits
+    its length into input, prompt and template tokens. Fails against a copy that reports the first
+    (or shortest) offending row, or that miscounts the template tokens (mutants assemble 51-58)."""
+    codec = _codec(zoo, "bert")
+    task = compile_task(TaskSpec(template="{input} {mask}", labels=["bad", "great"]), "mlm", codec, 512)
+    # [CLS] + 5 prompt + input + [MASK] + [SEP]: 18, 48, 44 tokens. The longest is not the last
+    # offender, so "the offender with the highest index" (max over (b, n) pairs) is caught too.
+    inputs = [[7] * 10, [7] * 40, [7] * 36]
+    with pytest.raises(BadRequest) as caught:
+        assemble(task, inputs, codec, 5, 40)
+    assert str(caught.value) == (
+        "2 input(s) make sequences longer than the model's max_length 40: the longest, input 1, is 48 "
+        "tokens (40 input tokens, 5 prompt rows, 3 template and special tokens); shorten it by 8 tokens"
+    )
+
+
+def test_plan_rows_fills_a_chunk_exactly_to_the_budget() -> None:
+    """A chunk may use the whole budget: rows x longest == max_batch_tokens still fits. Fails
+    against a copy that splits at the budget itself (``>=``) or forgets the chunk's longest row."""
+    assert plan_rows([8] * 8, 32) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # Unsorted: the longest row comes first and bounds the later, shorter ones (3 x 8 = 24).
+    assert plan_rows([8, 4, 4, 4], 24, bucketing=False) == [[0, 1, 2], [3]]
+    # A longer row joining a chunk of short ones re-prices the whole chunk (3 x 8 > 20).
+    assert plan_rows([4, 4, 8, 4], 20, bucketing=False) == [[0, 1], [2, 3]]
+
+
 def test_plan_chunks_covers_every_row_once_within_budget() -> None:
     lengths = [5, 30, 7, 30, 12, 3]
     for bucketing in (True, False):
@@ -137,6 +164,16 @@ def test_plan_chunks_covers_every_row_once_within_budget() -> None:
     assert padded(bucketed) < padded(plain)
     # A row longer than the budget still goes through, alone.
     assert plan_chunks([100], 2, 50) == [[0], [1]]
+
+
+def test_plan_chunks_keeps_every_candidate_of_an_input_in_one_pass() -> None:
+    """Rows of equal length are ordered input first, then candidate: when a chunk boundary falls
+    among them, all P candidates of one input still share a forward pass, so the candidates CMA-ES
+    ranks on that input differ by their prompts alone, not by how the kernels tiled another batch
+    (docs/development.md, "Float determinism"). Fails against a copy ordered by row index (mutants
+    plan_chunks 14, 16)."""
+    # B = 2 inputs of 4 tokens, P = 3 candidates, room for 3 rows per pass: rows r = p * B + b.
+    assert plan_chunks([4, 4], num_prompts=3, max_batch_tokens=12) == [[0, 2, 4], [1, 3, 5]]
 
 
 def test_template_perturbation_is_seeded_per_input_and_spares_the_input(zoo: Zoo) -> None:
