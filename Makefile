@@ -87,8 +87,7 @@ mutation: setup
 	cd mutation/$(GROUP) && for p in protos coordinator fed_clients inference_service tests; do ln -sfn ../../$$p $$p; done
 	set -o pipefail; cd mutation/$(GROUP) && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 FEDBPT_THREADS=1 FEDBPT_SHARED_DATA=$${FEDBPT_SHARED_DATA:-$(abspath $(DATA))} ../../$(BIN)/mutmut run --max-children $(MUTATION_JOBS) '$(MUTANTS)' | tr '\r' '\n' | grep -v '^⠋\|^⠙\|^⠹\|^⠸\|^⠼\|^⠴\|^⠦\|^⠧\|^⠇\|^⠏' | grep -v '^ *$$\|^🎉'
 	cd mutation/$(GROUP) && ../../$(BIN)/mutmut export-cicd-stats >/dev/null && cat mutants/mutmut-cicd-stats.json && echo
-	@echo "surviving mutants (mutmut show NAME in mutation/$(GROUP) prints the diff):"
-	@cd mutation/$(GROUP) && ../../$(BIN)/mutmut results
+	@cd mutation/$(GROUP) && ../../$(BIN)/python ../../scripts/mutation_survivors.py ../../$(BIN)/mutmut
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

@@ -20,6 +20,8 @@ from coordinator.store import (
     Validation,
     _pack,
     _unpack,
+    decode_vector,
+    encode_vector,
     select_state,
 )
 from protos import ClientMetrics
@@ -227,21 +229,23 @@ def test_evals_and_final_reports(store: Store) -> None:
 
 
 def test_validation_is_count_weighted_and_first_report_wins(store: Store) -> None:
-    """Breaks caught: an unweighted mean, an accuracy averaged over the reporting sites only, a
-    repeated report replacing the first, another run's reports counted."""
+    """Breaks caught: an unweighted mean, an accuracy averaged over the reporting sites only (or
+    0 where none reported one), a repeated report replacing the first, another run's reports counted."""
     _two_runs_three_clients(store)
     with store.transaction():
         store.add_validation("run-a", 0, "c-z", 0.6, 0.5, 3)
         store.add_validation("run-a", 0, "c-a", 0.2, None, 1)
         store.add_validation("run-a", 0, "c-z", 9.0, 0.0, 50)  # a repeat: ignored
         store.add_validation("run-a", 2, "c-m", 0.3, 1.0, 2)
+        store.add_validation("run-a", 3, "c-m", 0.5, None, 2)  # no site reported an accuracy
         store.add_validation("run-b", 0, "c-b", 0.0, 1.0, 100)
     got = store.validation_by_state("run-a")
-    assert set(got) == {0, 2}
+    assert set(got) == {0, 2, 3}
     assert got[0].loss == pytest.approx(0.6 * 3 / 4 + 0.2 * 1 / 4)
     assert got[0].accuracy == pytest.approx(0.5 * 3 / 4)
     assert got[0].n == 4
     assert got[2] == Validation(0.3, 1.0, 2)
+    assert got[3] == Validation(0.5, None, 2)
     assert select_state(got) == 2
     assert store.validation_by_state("run-b")[0] == Validation(0.0, 1.0, 100)
 
@@ -296,6 +300,10 @@ def test_state_round_trips_every_number_and_array(tmp_path: Path) -> None:
     np.testing.assert_array_equal(state_b.mean, [4.0, 5.0])
     with pytest.raises(LookupError, match="run-c has no global state"):
         store.load_state("run-c")
+    with store.transaction():  # a damaged file: the ES row points at a state that is gone
+        store._exec("DELETE FROM states WHERE run_id = 'run-b'")
+    with pytest.raises(LookupError, match="run run-b has no state 0"):
+        store.load_state("run-b")
     arrays = store._all("SELECT run_id, name FROM es_arrays")
     assert sorted((r["run_id"], r["name"]) for r in arrays) == [("run-a", n) for n in sorted(want.arrays())]
     store.close()
@@ -303,7 +311,8 @@ def test_state_round_trips_every_number_and_array(tmp_path: Path) -> None:
 
 def test_packed_arrays_keep_their_layout_and_refuse_what_is_not_ours() -> None:
     """Breaks caught: a Fortran array stored in C order (or read back transposed), a C array
-    labelled F, a wrong size or a foreign dtype/layout read as if it were ours."""
+    labelled F, a wrong size or a foreign dtype/layout read as if it were ours, a vector stored in
+    its own dtype instead of float64."""
     f = np.asfortranarray(np.arange(6.0).reshape(2, 3))
     c = np.arange(6.0).reshape(2, 3)
     assert _pack(f)[0::2] == ("<f8", "F") and _pack(c)[0::2] == ("<f8", "C")
@@ -313,6 +322,11 @@ def test_packed_arrays_keep_their_layout_and_refuse_what_is_not_ours() -> None:
         np.testing.assert_array_equal(back, a)
         assert back.flags.writeable and back.dtype == np.float64
     assert _unpack(*_pack(f)).flags.f_contiguous
+    # A mean of another dtype (float32 from a wire decode, ints) is stored as float64 all the same.
+    for vector in (np.array([1.5, -2.0], dtype=np.float32), np.array([3, 4])):
+        assert len(encode_vector(vector)) == 16
+        back = decode_vector(encode_vector(vector))
+        assert back.dtype == np.float64 and back.tolist() == vector.tolist() and back.flags.writeable
     dtype, shape, layout, data = _pack(c)
     with pytest.raises(ValueError, match="6 values for shape \\(3, 3\\)"):
         _unpack(dtype, "[3, 3]", layout, data)
