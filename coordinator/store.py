@@ -336,7 +336,6 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 class Store:
     def __init__(self, path: Path) -> None:
-        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = _connect(path)
         self._conn.execute("PRAGMA journal_mode=WAL")

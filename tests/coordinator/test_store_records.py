@@ -338,8 +338,9 @@ def test_packed_arrays_keep_their_layout_and_refuse_what_is_not_ours() -> None:
 
 def test_reopening_keeps_the_schema_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
     """Breaks caught: reopening a current file re-runs migrations or rewrites the version; a file
-    from an unknown schema opened as if it were ours."""
-    path = tmp_path / "c.db"
+    from an unknown schema opened as if it were ours, or refused without naming the file; a
+    store in a folder that does not exist yet."""
+    path = tmp_path / "new" / "nested" / "c.db"  # folders made as needed
     Store(path).close()
     Store(path).close()
     db = sqlite3.connect(path)
@@ -347,5 +348,5 @@ def test_reopening_keeps_the_schema_and_an_unknown_one_is_refused(tmp_path: Path
     db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="schema version 99 is not 2"):
+    with pytest.raises(RuntimeError, match=f"^{path}: schema version 99 is not 2$"):
         Store(path)
