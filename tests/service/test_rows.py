@@ -112,6 +112,40 @@ def test_labels_that_vanish_or_collide_are_refused(zoo: Zoo) -> None:
         compile_task(TaskSpec(template="{input} {mask}", labels=["great", "greatness"]), "mlm", codec, 512)
 
 
+def test_head_refusals_name_the_labels_the_token_and_the_limit(zoo: Zoo) -> None:
+    """The exact refusals of each head, with ids and lengths computed from the tokenizer here.
+    Fails against a copy that names the colliding word's second token, loses the first word's
+    name, or drops the reason (heads `_first_ids` 15-18); that lets a model without a mask token
+    serve the mlm head or says so vaguely (`MaskedLM.scored_template` 4-6); that refuses an anchor
+    of exactly max_length tokens, accepts a longer one or says nothing of an empty one
+    (`SentenceEmbedding.labels` 5, 7, 8)."""
+    bert = _codec(zoo, "bert")
+    great = bert.tokenizer.convert_tokens_to_ids("great")
+    with pytest.raises(BadRequest) as caught:
+        compile_task(TaskSpec(template="{input} {mask}", labels=["great", "greatness"]), "mlm", bert, 512)
+    assert str(caught.value) == (
+        f"label words 'great' and 'greatness' both start with token id {great}; their logits would be identical"
+    )
+    llama = _codec(zoo, "llama")
+    assert llama.tokenizer.mask_token is None
+    with pytest.raises(BadRequest) as caught:
+        compile_task(TaskSpec(template="{input} {mask}", labels=["bad", "great"]), "mlm", llama, 512)
+    assert str(caught.value) == "this model's tokenizer has no mask token; it cannot serve the mlm head"
+
+    st = _codec(zoo, "st-bert")
+    anchor = "this is great"
+    n = len(st.tokenizer(anchor)["input_ids"])  # [CLS] this is great [SEP]
+    spec = TaskSpec(template="{input}", labels=["bad", anchor])  # [CLS] bad [SEP] fits either way
+    task = compile_task(spec, "embedding", st, n)  # exactly max_length: fits
+    assert task.anchor_ids is not None and len(task.anchor_ids[1]) == n
+    with pytest.raises(BadRequest) as caught:
+        compile_task(spec, "embedding", st, n - 1)
+    assert str(caught.value) == f"label anchor {anchor!r} is {n} tokens; the model's max_length is {n - 1}"
+    with pytest.raises(BadRequest) as caught:
+        compile_task(TaskSpec(template="{input}", labels=["bad", "\u0007"]), "embedding", st, 512)
+    assert str(caught.value) == "label anchor '\\x07' tokenises to no tokens"
+
+
 def test_too_long_says_by_how_much(zoo: Zoo) -> None:
     codec = _codec(zoo, "bert")
     task = compile_task(TaskSpec(template="{input} {mask}", labels=["bad", "great"]), "mlm", codec, 512)
