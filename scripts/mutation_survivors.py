@@ -5,7 +5,7 @@ Usage (in mutation/GROUP, after ``mutmut run``; ``make mutation`` calls it):
 
 mutmut mutates every string literal to upper and lower case. Where the string is SQL (keywords,
 table and column names), a ``sqlite3.Row`` key or a numpy ``order`` letter, the case does not
-matter and the mutant is equivalent; the store alone makes about 160 of them. They are counted per
+matter and the mutant is equivalent; the store alone makes 200 of them. They are counted per
 function on one line each, so the survivors a reader must judge are the ones listed in full.
 Verdicts come from mutmut's own result files (``mutants/**/*.meta``), diffs from ``mutmut show``.
 """
@@ -34,8 +34,9 @@ def changed_lines(mutmut: str, name: str) -> tuple[list[str], list[str]]:
         shown = subprocess.run([mutmut, "show", name], capture_output=True, text=True, check=False)
         if shown.returncode == 0:
             break
-    diff = shown.stdout
-    lines = diff.splitlines()
+    else:
+        raise RuntimeError(f"mutmut show {name} failed three times: {shown.stderr.strip()}")
+    lines = shown.stdout.splitlines()
     removed = [line[1:] for line in lines if line.startswith("-") and not line.startswith("---")]
     added = [line[1:] for line in lines if line.startswith("+") and not line.startswith("+++")]
     return removed, added
