@@ -52,7 +52,9 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._pending = 0
+        # Every caller's future from enqueue until it returns, queued, taken or running: a worker
+        # that dies fails them all (else they would wait forever), and their count is the depth.
+        self._waiting: set[asyncio.Future[Any]] = set()
         self.crashed: BaseException | None = None
 
     @property
@@ -76,7 +78,7 @@ class Scheduler:
     @property
     def depth(self) -> int:
         """Jobs waiting or running."""
-        return self._pending
+        return len(self._waiting)
 
     async def submit(self, fn: Callable[[], T], key: Hashable | None = None) -> T:
         """Queue ``fn`` for the model thread and wait for its result (its exception is re-raised)."""
@@ -95,20 +97,20 @@ class Scheduler:
 
     async def _enqueue(self, job: Job) -> Any:
         assert self._queue is not None
-        if self._pending >= self.max_queue:
+        if len(self._waiting) >= self.max_queue:
             raise Unavailable(f"the model queue is full ({self.max_queue} jobs); retry shortly")
-        self._pending += 1
+        self._waiting.add(job.future)
         self._gauge()
         self._queue.put_nowait(job)
         try:
             return await job.future
         finally:
-            self._pending -= 1
+            self._waiting.discard(job.future)
             self._gauge()
 
     def _gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(self._pending)
+            self.metrics.queue_depth.set(len(self._waiting))
 
     async def _take(self, first: Job) -> list[Job]:
         """The jobs to run now: ``first``, plus the queued jobs that can merge with it."""
@@ -145,9 +147,21 @@ class Scheduler:
                         self.metrics.in_flight.set(0)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # pragma: no cover - a bug in the loop itself
+        except BaseException as exc:  # a bug in the loop itself: /healthz turns 503 from now on
             self.crashed = exc
+            self._fail_waiting(exc)
             raise
+
+    def _fail_waiting(self, exc: BaseException) -> None:
+        """Fail every caller still waiting — queued, taken from the queue or running — with 503: with
+        the worker gone nothing would ever answer them."""
+        message = (
+            f"the model worker failed ({type(exc).__name__}: {exc}) and this request was not scored; "
+            "retry it (the next request starts a new worker) and see the service log"
+        )
+        for future in list(self._waiting):
+            if not future.done():
+                future.set_exception(Unavailable(message))
 
     @staticmethod
     async def _run(loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, jobs: list[Job]) -> None:

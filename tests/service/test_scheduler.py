@@ -334,3 +334,51 @@ def test_stop_does_not_wait_for_the_running_job_and_ends_the_model_thread() -> N
     assert asyncio.run(scenario()) is False
     threads[0].join(30)
     assert not threads[0].is_alive()
+
+
+class _KeyThatCannotCompare:
+    """A merge key whose comparison raises: the one way a test can make the worker loop itself fail."""
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("keys cannot compare")
+
+
+def test_a_worker_that_fails_answers_every_waiting_caller_with_503_instead_of_leaving_them_hanging() -> None:
+    """A bug in the worker loop itself (here a merge key whose ``==`` raises while the queue is
+    drained) fails every caller then waiting — the one the worker was grouping, the one it had taken
+    from the queue and the plain job still queued — with Unavailable naming the error, turns
+    ``healthy()`` False, and the next request gets a new worker. Breaks seen to fail: the failure
+    handler not failing the callers (all three wait until ``wait_for`` times out), the message
+    changed."""
+
+    def merge(items: list[str]) -> list[str]:
+        return items
+
+    async def scenario() -> None:
+        scheduler, gate = Scheduler(), Gate()
+        blocker = asyncio.create_task(scheduler.submit(gate.job()))
+        await _until(gate.entered)
+        waiting = [
+            asyncio.create_task(scheduler.submit_merged("x", merge, key=_KeyThatCannotCompare())),
+            asyncio.create_task(scheduler.submit_merged("y", merge, key=_KeyThatCannotCompare())),
+            asyncio.create_task(scheduler.submit(lambda: "z")),
+        ]
+        await asyncio.sleep(0)
+        assert scheduler.depth == 4
+        gate.release.set()
+        assert await blocker == "gate"
+        outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 30)
+        assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+        assert {str(o) for o in outcomes} == {
+            "the model worker failed (RuntimeError: keys cannot compare) and this request was not "
+            "scored; retry it (the next request starts a new worker) and see the service log"
+        }
+        assert scheduler.depth == 0 and not scheduler.healthy()
+        assert isinstance(scheduler.crashed, RuntimeError)
+        assert await asyncio.wait_for(scheduler.submit(lambda: "next"), 30) == "next"
+        await scheduler.stop()
+
+    asyncio.run(scenario())
