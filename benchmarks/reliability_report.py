@@ -35,8 +35,9 @@ Numbers the schema accepts obey a numeric contract (|z| <= 1e6, A's entry scale 
 entry <= 1e4: a 400 naming the field, the bound and the fix); a forward pass that still gives NaN/Inf
 logits is a 422 naming the rows, never a 5xx and never a clamped value.
 One model thread serves every client; the event loop keeps answering `/healthz` during long work;
-a full queue answers 503 with Retry-After; a dead engine (vLLM) makes `/readyz` fail. Optional bearer
-key; HTTPS with `--tls-cert/--tls-key`.
+a full queue answers 503 with Retry-After; a dead engine (vLLM) makes `/readyz` fail; a failure of
+the model worker's own loop answers every waiting caller with 503 (none is left hanging) and turns
+`/readyz` 503. Optional bearer key; HTTPS with `--tls-cert/--tls-key`.
 
 **Clients.** Connection errors, 5xx and 429 are retried with exponential backoff and jitter for a
 bounded time; a 4xx that retrying cannot fix ends the process with a message and exit code 2; a
