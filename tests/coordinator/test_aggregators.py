@@ -16,6 +16,7 @@ from coordinator.aggregators import AggregationError, Contribution, Step, make_a
 from coordinator.aggregators.base import check_state, screen
 from coordinator.aggregators.cmaes import ServerCMAES, paper_server_sigma, reference_server_sigma
 from coordinator.aggregators.fedavg import FedAvg
+from coordinator.aggregators.shared_es import SharedPopulationES
 from coordinator.es_state import ServerState
 from protos import ProjectionSpec, RunConfig
 
@@ -144,6 +145,68 @@ def test_a_configured_covariance_form_reaches_the_payload() -> None:
     sent = agg.payload(state)
     assert sent.cov is not None and (sent.cov.dtype, sent.cov.shape) == ("float64", [DIM])
     np.testing.assert_array_equal(sent.cov.numpy(), np.diag(state.es.C))
+
+
+def test_a_configured_rank_and_mean_dtype_reach_the_payload() -> None:
+    """``covariance_rank`` and ``mean_dtype`` travel from the run's config to what sites receive.
+    Breaks seen to fail (mutmut, session 10): ``from_config`` passing None for either or leaving
+    either out (the rank then falls back to 8, the mean to float64)."""
+    config = RunConfig(
+        projection=ProjectionSpec(intrinsic_dim=DIM),
+        rounds=20,
+        covariance="lowrank",
+        covariance_rank=3,
+        mean_dtype="float32",
+    )
+    agg = ServerCMAES.from_config(config)
+    sent = agg.payload(_later_state(agg))
+    assert sent.mean.dtype == "float32" and sent.mean.shape == [DIM]
+    assert sent.cov is None and sent.cov_lowrank is not None
+    assert (sent.cov_lowrank.vectors.shape, sent.cov_lowrank.values.shape) == ([3, DIM], [3])
+
+
+def test_a_configured_mean_dtype_reaches_the_shared_populations_candidates() -> None:
+    """A shared-population run's ``mean_dtype`` is the dtype its sites receive the candidates in.
+    Break seen to fail (mutmut, session 10): ``SharedPopulationES.from_config`` passing None for it
+    (the candidates then go out in float64)."""
+    config = RunConfig(
+        projection=ProjectionSpec(intrinsic_dim=DIM),
+        rounds=20,
+        aggregator="shared_es",
+        local_popsize=4,
+        mean_dtype="float32",
+    )
+    agg = SharedPopulationES.from_config(config)
+    sent = agg.payload(agg.initial_state())
+    assert sent.candidates is not None
+    assert (sent.mean.dtype, sent.candidates.dtype, sent.candidates.shape) == ("float32", "float32", [4, DIM])
+
+
+def test_the_server_es_built_by_hand_defaults_to_what_a_run_config_defaults_to() -> None:
+    """Every keyword ``ServerCMAES`` shares with ``RunConfig`` defaults to the config's default but
+    the documented one (``server_weights``: "rank", the reference's, where a config says "samples").
+    Breaks seen to fail: the constructor's ``covariance_rank`` default 9, ``server_sigma``'s
+    misspelt."""
+    by_hand = ServerCMAES(dim=DIM, sigma0=1.0, rounds=20, local_popsize=6)
+    defaults = RunConfig(projection=ProjectionSpec(intrinsic_dim=DIM))
+    shared = ["server_sigma", "sigma_floor", "sigma_ceiling", "covariance", "covariance_rank"]
+    shared += ["covariance_dtype", "mean_dtype"]
+    assert {k: getattr(by_hand, k) for k in shared} == {k: getattr(defaults, k) for k in shared}
+    assert (by_hand.server_weights, defaults.server_weights) == ("rank", "samples")
+
+
+def test_clipping_keeps_a_candidate_scoring_sites_losses() -> None:
+    """The robust screen pulls a far mean back to its radius and keeps everything else the site
+    reported, its per-candidate losses included (a shared-population site's whole update). Breaks
+    seen to fail: the clipped contribution rebuilt without its losses (None, or the field left
+    out)."""
+    config = RunConfig(projection=ProjectionSpec(intrinsic_dim=DIM), robust="clip", robust_multiple=1.0)
+    state = ServerCMAES(dim=DIM, sigma0=1.0, rounds=20, local_popsize=6).initial_state()
+    far = Contribution("far", np.full(DIM, 10.0), 0.5, (0.9,), 2, 8, (0.7, 0.6, 0.5))
+    usable, clipped, rejected = screen(config, state, [far])
+    assert (clipped, rejected) == (["far"], [])
+    assert usable[0].losses == (0.7, 0.6, 0.5)
+    assert math.isclose(float(np.linalg.norm(usable[0].mean - state.mean)), math.sqrt(DIM), rel_tol=1e-12)
 
 
 def test_pending_decomposition_is_exactly_when_pycmas_next_ask_decomposes() -> None:
