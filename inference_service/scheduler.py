@@ -147,7 +147,7 @@ class Scheduler:
                         self.metrics.in_flight.set(0)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # a bug in the loop itself: /healthz turns 503 from now on
+        except BaseException as exc:  # a bug in the loop itself: /readyz says 503 from now on
             self.crashed = exc
             self._fail_waiting(exc)
             raise
