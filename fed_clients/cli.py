@@ -7,6 +7,7 @@ is imported at module level; everything else is imported inside the commands.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +99,59 @@ def _install_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
+def _require(*flags: tuple[str, Any]) -> None:
+    """Exit 2 naming every required flag that has neither a value nor its environment variable."""
+    missing = [flag for flag, value in flags if not value]
+    if missing:
+        raise _fail(f"missing {', '.join(missing)} (or their FEDBPT_* environment variables)")
+
+
+def _client_data(settings: ClientSettings) -> tuple[Any, Any]:
+    """(train, test or None) from the settings' files; bad data exits 2 before any service is called."""
+    from fed_clients.data import DataError, load_labeled_texts
+
+    assert settings.data
+    try:
+        train = load_labeled_texts(settings.data, settings.text_column, settings.label_column)
+        test = (
+            load_labeled_texts(settings.test_data, settings.text_column, settings.label_column)
+            if settings.test_data
+            else None
+        )
+    except DataError as exc:
+        raise _fail(str(exc)) from None
+    log.info("loaded %d training examples from %s", len(train), train.source)
+    return train, test
+
+
+def _model_api(settings: ClientSettings, model_http: JsonService) -> Any:
+    from fed_clients.model_api import ModelService
+
+    return ModelService(
+        model_http,
+        max_ids_per_call=settings.max_ids_per_call,
+        input_handles=settings.input_handles,
+        compact_answers=settings.compact_answers,
+    )
+
+
+def _site_client(
+    settings: ClientSettings, coordinator_http: JsonService, model_http: JsonService, train: Any, test: Any
+) -> Any:
+    from fed_clients.client import SiteClient
+    from fed_clients.coordinator_api import CoordinatorService
+
+    return SiteClient(
+        CoordinatorService(coordinator_http),
+        _model_api(settings, model_http),
+        train,
+        test,
+        run_id=settings.run_id,
+        poll_wait_s=settings.poll_wait_s,
+        label_names=settings.label_names,
+    )
+
+
 def client(
     coordinator: str | None = typer.Option(None, help="coordinator URL (env FEDBPT_COORDINATOR)"),
     token: str | None = typer.Option(None, help="this client's coordinator token (env FEDBPT_TOKEN)"),
@@ -133,56 +187,24 @@ def client(
         log_level=log_level,
         ca_file=ca_file,
     )
-    missing = [
-        flag
-        for flag, value in (
-            ("--coordinator", settings.coordinator),
-            ("--token", settings.token),
-            ("--model-endpoint", settings.model_endpoint),
-            ("--data", settings.data),
-        )
-        if not value
-    ]
-    if missing:
-        raise _fail(f"missing {', '.join(missing)} (or their FEDBPT_* environment variables)")
+    _require(
+        ("--coordinator", settings.coordinator),
+        ("--token", settings.token),
+        ("--model-endpoint", settings.model_endpoint),
+        ("--data", settings.data),
+    )
     _setup_logging(settings.log_level)
     _install_sigterm()
 
-    from fed_clients.client import ClientError, SiteClient
-    from fed_clients.coordinator_api import CoordinatorService
-    from fed_clients.data import DataError, load_labeled_texts
-    from fed_clients.model_api import ModelService
+    from fed_clients.client import ClientError
+    from fed_clients.data import DataError
     from fed_clients.presets import PresetError
     from fed_clients.transport import FatalServiceError, ServiceError, ServiceUnavailable
 
-    assert settings.coordinator and settings.model_endpoint and settings.data
-    try:
-        train = load_labeled_texts(settings.data, settings.text_column, settings.label_column)
-        test = (
-            load_labeled_texts(settings.test_data, settings.text_column, settings.label_column)
-            if settings.test_data
-            else None
-        )
-    except DataError as exc:
-        raise _fail(str(exc)) from None
-    log.info("loaded %d training examples from %s", len(train), train.source)
-
-    coordinator_http = _service(settings, "coordinator", settings.coordinator, _secret(settings.token))
+    train, test = _client_data(settings)
+    coordinator_http = _service(settings, "coordinator", str(settings.coordinator), _secret(settings.token))
     model_http = _model_service(settings)
-    site = SiteClient(
-        CoordinatorService(coordinator_http),
-        ModelService(
-            model_http,
-            max_ids_per_call=settings.max_ids_per_call,
-            input_handles=settings.input_handles,
-            compact_answers=settings.compact_answers,
-        ),
-        train,
-        test,
-        run_id=settings.run_id,
-        poll_wait_s=settings.poll_wait_s,
-        label_names=settings.label_names,
-    )
+    site = _site_client(settings, coordinator_http, model_http, train, test)
     try:
         result = site.run()
     except ServiceUnavailable as exc:
@@ -237,61 +259,96 @@ def evaluate(
         raise _fail("missing --model-endpoint (or FEDBPT_MODEL_ENDPOINT)")
     _setup_logging("warning")
 
-    from fed_clients.data import DataError, load_labeled_texts
-    from fed_clients.inputs import encode_split, input_budget
-    from fed_clients.model_api import ModelService
-    from fed_clients.presets import PresetError, resolve_task
+    from fed_clients.data import DataError
+    from fed_clients.presets import PresetError
     from fed_clients.transport import ServiceError, ServiceUnavailable
 
     if state and not (run_prompt or "").startswith(("http://", "https://")):
         raise _fail("--state needs --run-prompt as a coordinator /v1/runs/{id}/prompt URL")
+    wanted = _EvaluationRequest(
+        data, run_prompt, state or [], task, template, labels, max_input_tokens, limit
+    )
     model_http = _model_service(settings)
     try:
-        prompts = _load_prompts(run_prompt, settings, state or []) if run_prompt else {}
-        prompt = next(iter(prompts.values()), None)
-        model = ModelService(
-            model_http,
-            max_ids_per_call=settings.max_ids_per_call,
-            input_handles=settings.input_handles,
-            compact_answers=settings.compact_answers,
-        )
-        head = model.info().head
-        task_name = task or (prompt.task if prompt else "sst2")
-        resolved = resolve_task(
-            task_name,
-            head,
-            template if template is not None else (prompt.template if prompt else None),
-            list(labels) if labels else (prompt.labels if prompt else None),
-        )
-        prompt_length = prompt.projection.prompt_length if prompt else 0
-        budget = input_budget(model, resolved, prompt_length, max_input_tokens)
-        raw = load_labeled_texts(data, settings.text_column, settings.label_column)
-        if limit is not None:
-            raw = raw.subset(range(min(limit, len(raw))))
-        split = encode_split(model, raw, resolved, budget, settings.label_names)
-        results = {
-            which: _run_evaluation(model, resolved.spec, split, p, batch_size) for which, p in prompts.items()
-        }
-        if "best" in (state or []):
-            results["best"], prompts["best"] = _best_state(
-                run_prompt or "", settings, model, resolved, split, batch_size
-            )
-        if not prompts:
-            results["zero-shot"] = _run_evaluation(model, resolved.spec, split, None, batch_size)
+        scored = _score_prompts(settings, _model_api(settings, model_http), wanted, batch_size)
     except ServiceUnavailable as exc:
         raise _fail(str(exc), EXIT_UNAVAILABLE) from None
     except (ServiceError, DataError, PresetError, ValueError) as exc:
         raise _fail(str(exc)) from None
     finally:
         model_http.close()
+    _print_results(scored, data)
 
-    first = next(iter(results))
-    _print_result(results[first], resolved, prompts.get(first), data, head)
-    if len(results) > 1:
+
+@dataclass(frozen=True)
+class _EvaluationRequest:
+    """What ``fedbpt evaluate`` was asked to score."""
+
+    data: str
+    run_prompt: str | None
+    states: list[str]
+    task: str | None
+    template: str | None
+    labels: list[str] | None
+    max_input_tokens: int
+    limit: int | None
+
+
+@dataclass
+class _Scored:
+    """{which: result} and {which: prompt} in the order asked, with the task they were scored under."""
+
+    results: dict[str, Any]
+    prompts: dict[str, Any]
+    resolved: Any
+    head: str
+
+
+def _score_prompts(
+    settings: ClientSettings, model: Any, wanted: _EvaluationRequest, batch_size: int
+) -> _Scored:
+    """Every prompt asked for (or no prompt: zero-shot) scored on the whole dataset."""
+    from fed_clients.data import load_labeled_texts
+    from fed_clients.inputs import encode_split, input_budget
+    from fed_clients.presets import resolve_task
+
+    run_prompt = wanted.run_prompt
+    prompts = _load_prompts(run_prompt, settings, wanted.states) if run_prompt else {}
+    prompt = next(iter(prompts.values()), None)
+    head = model.info().head
+    resolved = resolve_task(
+        wanted.task or (prompt.task if prompt else "sst2"),
+        head,
+        wanted.template if wanted.template is not None else (prompt.template if prompt else None),
+        list(wanted.labels) if wanted.labels else (prompt.labels if prompt else None),
+    )
+    prompt_length = prompt.projection.prompt_length if prompt else 0
+    budget = input_budget(model, resolved, prompt_length, wanted.max_input_tokens)
+    raw = load_labeled_texts(wanted.data, settings.text_column, settings.label_column)
+    if wanted.limit is not None:
+        raw = raw.subset(range(min(wanted.limit, len(raw))))
+    split = encode_split(model, raw, resolved, budget, settings.label_names)
+    results = {
+        which: _run_evaluation(model, resolved.spec, split, p, batch_size) for which, p in prompts.items()
+    }
+    if "best" in wanted.states:
+        results["best"], prompts["best"] = _best_state(
+            run_prompt or "", settings, model, resolved, split, batch_size
+        )
+    if not prompts:
+        results["zero-shot"] = _run_evaluation(model, resolved.spec, split, None, batch_size)
+    return _Scored(results, prompts, resolved, head)
+
+
+def _print_results(scored: _Scored, data: str) -> None:
+    first = next(iter(scored.results))
+    _print_result(scored.results[first], scored.resolved, scored.prompts.get(first), data, scored.head)
+    if len(scored.results) > 1:
         typer.echo("side by side:")
-        for which, result in results.items():
+        for which, result in scored.results.items():
             typer.echo(
-                f"  {which:>8}: state {prompts[which].round:>4}  accuracy {result.accuracy:.4f}  loss {result.loss:.4f}"
+                f"  {which:>8}: state {scored.prompts[which].round:>4}  "
+                f"accuracy {result.accuracy:.4f}  loss {result.loss:.4f}"
             )
 
 
@@ -405,12 +462,9 @@ def partition(
 
     import json
 
-    from rich.console import Console
-    from rich.table import Table
-
-    from fed_clients.data import DataError, encode_labels, load_labeled_texts, write_jsonl
+    from fed_clients.data import DataError, encode_labels, load_labeled_texts
     from fed_clients.fewshot import k_shot as sample_k_shot
-    from fed_clients.partition import dirichlet_partition, iid_partition, label_counts, mean_label_entropy
+    from fed_clients.partition import dirichlet_partition, iid_partition
 
     try:
         raw = load_labeled_texts(data, text_column, label_column)
@@ -441,6 +495,22 @@ def partition(
     except ValueError as exc:
         raise _fail(str(exc)) from None
 
+    scheme = "iid" if iid else "dirichlet-per-class"
+    written = _write_partition(out, pool, labels, parts, names, num_classes)
+    manifest = {"source": raw.source, "clients": clients, "scheme": scheme, "alpha": alpha}
+    manifest |= {"k_shot": k_shot, "seed": seed, **written}
+    (out / "partition.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _print_partition(manifest, f"{len(pool)} examples of {raw.source} over {clients} clients")
+    typer.echo(f"mean label entropy per client: {manifest['mean_label_entropy']:.3f} nats; wrote {out}")
+
+
+def _write_partition(
+    out: Path, pool: Any, labels: Any, parts: list[Any], names: dict[int, str], num_classes: int
+) -> dict[str, Any]:
+    """One client_<k>.jsonl per part; returns the manifest's files, classes and label counts."""
+    from fed_clients.data import write_jsonl
+    from fed_clients.partition import label_counts, mean_label_entropy
+
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for k, part in enumerate(parts):
@@ -449,26 +519,23 @@ def partition(
         write_jsonl(path, subset.texts, subset.labels)
         files.append(path.name)
     counts = label_counts(labels, parts, num_classes)
-    manifest = {
-        "source": raw.source,
-        "clients": clients,
-        "scheme": "iid" if iid else "dirichlet-per-class",
-        "alpha": alpha,
-        "k_shot": k_shot,
-        "seed": seed,
+    return {
         "files": files,
         "classes": [names.get(c, str(c)) for c in range(num_classes)],
         "label_counts": counts.tolist(),
         "mean_label_entropy": mean_label_entropy(counts),
     }
-    (out / "partition.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-    table = Table(title=f"{len(pool)} examples of {raw.source} over {clients} clients ({manifest['scheme']})")
+
+def _print_partition(manifest: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{title} ({manifest['scheme']})")
     table.add_column("client")
-    for c in range(num_classes):
-        table.add_column(names.get(c, str(c)), justify="right")
+    for name in manifest["classes"]:
+        table.add_column(name, justify="right")
     table.add_column("total", justify="right")
-    for k, row in enumerate(counts):
-        table.add_row(files[k], *(str(int(v)) for v in row), str(int(row.sum())))
+    for name, row in zip(manifest["files"], manifest["label_counts"], strict=True):
+        table.add_row(name, *(str(int(v)) for v in row), str(int(sum(row))))
     Console().print(table)
-    typer.echo(f"mean label entropy per client: {manifest['mean_label_entropy']:.3f} nats; wrote {out}")

@@ -91,15 +91,31 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     closed = [r for r in rounds if r.state == "closed"]
-    curve = accuracy_curve(rounds)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax = axes[0]
-    if curve:
-        ax.plot([p[0] for p in curve], [p[1] for p in curve], marker="o", ms=3, label="global prompt")
-    if zero_shot_accuracy is not None:
-        ax.axhline(zero_shot_accuracy, color="grey", ls="--", label=f"zero-shot {zero_shot_accuracy:.3f}")
-    if selected_state is not None:
-        ax.axvline(selected_state, color="tab:purple", ls=":", label=f"selected (state {selected_state})")
+    _plot_accuracy(axes[0], accuracy_curve(rounds), zero_shot_accuracy, selected_state)
+    _plot_losses(axes[1], closed)
+    _plot_step_sizes(axes[2], closed)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _series(ax: Any, points: Sequence[tuple[float, float]], **style: Any) -> bool:
+    """One line through (x, y) points; False (nothing drawn) when there are none."""
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], ms=3, **style)
+    return bool(points)
+
+
+def _plot_accuracy(
+    ax: Any, curve: Sequence[tuple[float, float]], zero_shot: float | None, selected: int | None
+) -> None:
+    _series(ax, curve, marker="o", label="global prompt")
+    if zero_shot is not None:
+        ax.axhline(zero_shot, color="grey", ls="--", label=f"zero-shot {zero_shot:.3f}")
+    if selected is not None:
+        ax.axvline(selected, color="tab:purple", ls=":", label=f"selected (state {selected})")
     ax.set(
         title="test accuracy of the global prompt",
         xlabel="global state (rounds aggregated)",
@@ -108,19 +124,14 @@ def plot_curves(
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
 
-    ax = axes[1]
+
+def _plot_losses(ax: Any, closed: Sequence[RoundRecord]) -> None:
     losses = [(r.round, r.train_loss) for r in closed if r.train_loss is not None]
-    if losses:
-        ax.plot(
-            [p[0] for p in losses], [p[1] for p in losses], marker="o", ms=3, color="tab:red", label="train"
-        )
+    _series(ax, losses, marker="o", color="tab:red", label="train")
     val = [(r.round, r.val_loss) for r in closed if r.val_loss is not None]
     if closed and closed[-1].final_val_loss is not None:
         val.append((closed[-1].round + 1, closed[-1].final_val_loss))
-    if val:
-        ax.plot(
-            [p[0] for p in val], [p[1] for p in val], marker="s", ms=3, color="tab:purple", label="validation"
-        )
+    if _series(ax, val, marker="s", color="tab:purple", label="validation"):
         ax.legend(loc="upper right")
     ax.set(
         title="loss: train (after local training), validation (of state r)",
@@ -129,34 +140,15 @@ def plot_curves(
     )
     ax.grid(alpha=0.3)
 
-    ax = axes[2]
+
+def _plot_step_sizes(ax: Any, closed: Sequence[RoundRecord]) -> None:
     sig = [(r.round, r.sigma_before) for r in closed if r.sigma_before is not None]
-    if sig:
-        ax.plot(
-            [p[0] for p in sig],
-            [p[1] for p in sig],
-            marker="o",
-            ms=3,
-            color="tab:green",
-            label="client sigma",
-        )
+    _series(ax, sig, marker="o", color="tab:green", label="client sigma")
     srv = [(r.round, r.server_sigma) for r in closed if r.server_sigma is not None]
-    if srv:
-        ax.plot(
-            [p[0] for p in srv],
-            [p[1] for p in srv],
-            marker=".",
-            ms=3,
-            color="tab:olive",
-            label="server sigma'",
-        )
+    _series(ax, srv, marker=".", color="tab:olive", label="server sigma'")
     ax.set(title="step sizes", xlabel="round", ylabel="sigma")
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(

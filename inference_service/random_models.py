@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +59,35 @@ def _iter(texts: list[str]) -> Iterator[str]:
 
 
 def wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000) -> Any:
-    """An uncased BERT-style WordPiece tokenizer: [CLS] .. [SEP], [MASK], [PAD]=0."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """An uncased BERT-style WordPiece tokenizer: [CLS] .. [SEP], [MASK], [PAD]=0.
+
+    The vocabulary is the same on every run: the special tokens, every character seen (alone and
+    as a ``##`` continuation), then the most frequent words, ties broken alphabetically.
+    ``tokenizers``' WordPieceTrainer is not used because its vocabulary changes from run to run
+    (huggingface/tokenizers#1794: ``##`` pieces get ids in hash-map order), which would give two
+    builds of "the same" model different token ids.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    tokens = specials + chars + [f"##{c}" for c in chars]
+    known = set(tokens)
+    frequent = sorted((w for w in counts if w not in known), key=lambda w: (-counts[w], w))
+    tokens += frequent[: max(0, vocab_size - len(tokens))]
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1)
-    tok.train_from_iterator(_iter(texts), trainer)
+    tok.add_special_tokens(specials)  # "[MASK]" in a template stays one token, never split
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -150,66 +168,13 @@ def build_random_model(
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; one of {', '.join(ARCHS)}")
     import torch
-    from transformers import (
-        BertConfig,
-        BertForMaskedLM,
-        BertModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        RobertaConfig,
-        RobertaForMaskedLM,
-    )
 
     dims = _dims(arch, size)
     texts = corpus(corpus_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model: Any
-    config: Any
-    if arch in ("bert", "st-bert"):
-        tokenizer = wordpiece_tokenizer(texts)
-        config = BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=dims["hidden"],
-            num_hidden_layers=dims["layers"],
-            num_attention_heads=dims["heads"],
-            intermediate_size=dims["ffn"],
-            max_position_embeddings=dims["positions"],
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = BertForMaskedLM(config) if arch == "bert" else BertModel(config)
-    elif arch == "roberta":
-        large = size == "roberta-large"
-        tokenizer = bytelevel_tokenizer(texts, 8000 if large else 2000, "roberta")
-        config = RobertaConfig(
-            vocab_size=50265 if large else len(tokenizer),
-            hidden_size=dims["hidden"],
-            num_hidden_layers=dims["layers"],
-            num_attention_heads=dims["heads"],
-            intermediate_size=dims["ffn"],
-            max_position_embeddings=dims["positions"] + 2,
-            type_vocab_size=1,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-        )
-        model = RobertaForMaskedLM(config)
-    else:
-        tokenizer = bytelevel_tokenizer(texts, 2000, "llama")
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=dims["hidden"],
-            num_hidden_layers=dims["layers"],
-            num_attention_heads=dims["heads"],
-            num_key_value_heads=dims["heads"],
-            intermediate_size=dims["ffn"],
-            max_position_embeddings=dims["positions"],
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-        )
-        model = LlamaForCausalLM(config)
+    torch.manual_seed(seed)  # before any weight is drawn: the same seed gives the same model
+    model, tokenizer = _BUILDERS[arch](texts, dims, size)
     model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -217,6 +182,71 @@ def build_random_model(
     if arch == "st-bert":
         _write_sentence_transformers_files(out_dir, dims["hidden"])
     return out_dir
+
+
+def _shape(dims: dict[str, int]) -> dict[str, Any]:
+    """The transformer's size, under the names BERT, RoBERTa and Llama configs share."""
+    return {
+        "hidden_size": dims["hidden"],
+        "num_hidden_layers": dims["layers"],
+        "num_attention_heads": dims["heads"],
+        "intermediate_size": dims["ffn"],
+    }
+
+
+def _bert(texts: list[str], dims: dict[str, int], *, encoder_only: bool) -> tuple[Any, Any]:
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    tokenizer = wordpiece_tokenizer(texts)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        **_shape(dims),
+        max_position_embeddings=dims["positions"],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return (BertModel(config) if encoder_only else BertForMaskedLM(config)), tokenizer
+
+
+def _roberta(texts: list[str], dims: dict[str, int], size: str) -> tuple[Any, Any]:
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    large = size == "roberta-large"
+    tokenizer = bytelevel_tokenizer(texts, 8000 if large else 2000, "roberta")
+    config = RobertaConfig(
+        vocab_size=50265 if large else len(tokenizer),  # roberta-large's shapes, a smaller tokenizer
+        **_shape(dims),
+        max_position_embeddings=dims["positions"] + 2,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    return RobertaForMaskedLM(config), tokenizer
+
+
+def _llama(texts: list[str], dims: dict[str, int]) -> tuple[Any, Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = bytelevel_tokenizer(texts, 2000, "llama")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        **_shape(dims),
+        num_key_value_heads=dims["heads"],
+        max_position_embeddings=dims["positions"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config), tokenizer
+
+
+# arch -> (corpus, dims, size) -> (model, tokenizer), both unsaved.
+_BUILDERS: dict[str, Callable[[list[str], dict[str, int], str], tuple[Any, Any]]] = {
+    "bert": lambda texts, dims, _size: _bert(texts, dims, encoder_only=False),
+    "st-bert": lambda texts, dims, _size: _bert(texts, dims, encoder_only=True),
+    "roberta": _roberta,
+    "llama": lambda texts, dims, _size: _llama(texts, dims),
+}
 
 
 def _portable_tokenizer_class(out_dir: Path) -> None:

@@ -63,6 +63,24 @@ def test_weights_are_seeded(tmp_path: Path, zoo: Zoo) -> None:
     assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
 
 
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_a_build_in_another_process_is_the_same_model(tmp_path: Path, zoo: Zoo, arch: str) -> None:
+    # Two replicas built by the same command must agree on token ids, not only on weights: the
+    # WordPiece vocabulary once came out different from run to run (hash-map order in the trainer).
+    out = tmp_path / arch
+    subprocess.run(
+        [sys.executable, "-m", "fedbpt_cli.main", "make-random-model", arch, str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    here = zoo.path(arch)
+    assert (out / "tokenizer.json").read_bytes() == (here / "tokenizer.json").read_bytes()
+    a = AutoModelForMaskedLM.from_pretrained(str(out)).state_dict()
+    b = AutoModelForMaskedLM.from_pretrained(str(here)).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
 def test_make_random_model_command(tmp_path: Path) -> None:
     assert ("make-random-model", "inference_service.random_models", "make_random_model") in COMMANDS
     app = typer.Typer()
