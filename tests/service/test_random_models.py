@@ -63,7 +63,6 @@ def test_weights_are_seeded(tmp_path: Path, zoo: Zoo) -> None:
     assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
 
 
-
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_a_build_in_another_process_is_the_same_model(tmp_path: Path, zoo: Zoo, arch: str) -> None:
     # Two replicas built by the same command must agree on token ids, not only on weights: the
@@ -80,6 +79,7 @@ def test_a_build_in_another_process_is_the_same_model(tmp_path: Path, zoo: Zoo, 
     a = AutoModelForMaskedLM.from_pretrained(str(out)).state_dict()
     b = AutoModelForMaskedLM.from_pretrained(str(here)).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
 
 def test_make_random_model_command(tmp_path: Path) -> None:
     assert ("make-random-model", "inference_service.random_models", "make_random_model") in COMMANDS
