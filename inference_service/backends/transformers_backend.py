@@ -10,6 +10,7 @@ multiplies by the label rows of the decoder; the causal head does the same with 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -330,21 +331,51 @@ def load_transformers_backend(settings: ServiceSettings, head: HeadName, model_i
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     log.info("loading %s (%s head) on %s in %s", settings.model, head, device, _dtype_name(dtype))
-    if head == "embedding":
-        from sentence_transformers import SentenceTransformer
+    return _LOADERS[head](settings, model_id, device, dtype)
 
-        st_model = SentenceTransformer(settings.model, device=str(device))
-        st_model.to(dtype)
-        st_model.eval()
-        return EmbeddingBackend(st_model, settings, model_id)
 
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+def _load_embedding(
+    settings: ServiceSettings, model_id: str, device: torch.device, dtype: torch.dtype
+) -> Backend:
+    from sentence_transformers import SentenceTransformer
+
+    st_model = SentenceTransformer(settings.model, device=str(device))
+    st_model.to(dtype)
+    st_model.eval()
+    return EmbeddingBackend(st_model, settings, model_id)
+
+
+def _load_mlm(settings: ServiceSettings, model_id: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    from transformers import AutoModelForMaskedLM
+
+    model, tokenizer = _load_lm(AutoModelForMaskedLM, settings, device, dtype)
+    return MlmBackend(model, tokenizer, settings, model_id)
+
+
+def _load_causal(
+    settings: ServiceSettings, model_id: str, device: torch.device, dtype: torch.dtype
+) -> Backend:
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = _load_lm(AutoModelForCausalLM, settings, device, dtype)
+    return CausalBackend(model, tokenizer, settings, model_id)
+
+
+def _load_lm(
+    auto: Any, settings: ServiceSettings, device: torch.device, dtype: torch.dtype
+) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
-    auto = AutoModelForMaskedLM if head == "mlm" else AutoModelForCausalLM
     model: Any = auto.from_pretrained(settings.model, **_load_kwargs(dtype))
     model = model.to(device)
     model.eval()
-    if head == "mlm":
-        return MlmBackend(model, tokenizer, settings, model_id)
-    return CausalBackend(model, tokenizer, settings, model_id)
+    return model, tokenizer
+
+
+# One loader per head; settings.HeadName lists the same three.
+_LOADERS: dict[str, Callable[[ServiceSettings, str, torch.device, torch.dtype], Backend]] = {
+    "embedding": _load_embedding,
+    "mlm": _load_mlm,
+    "causal": _load_causal,
+}
