@@ -95,15 +95,12 @@ class ServerCMAES:
         return initial_es(self.dim, self.sigma0, 2, self.rounds)
 
     def aggregate(self, state: ServerState, contributions: Sequence[Contribution]) -> Step:
-        if self.server_sigma == "paper":
-            sigma_prime = paper_server_sigma(contributions, self.local_popsize)
-        else:
-            sigma_prime = reference_server_sigma(contributions)
+        sigma_prime = _SERVER_SIGMA[self.server_sigma](contributions, self.local_popsize)
         solutions = [np.array(c.mean, dtype=np.float64) for c in contributions]
         fitnesses = [float(c.fitness) for c in contributions]
         if len(solutions) == 1:
             solutions, fitnesses = solutions * 2, fitnesses * 2
-        weights, fitnesses = recombination(self.server_weights, contributions, fitnesses)
+        weights, fitnesses = _RECOMBINATION[self.server_weights](contributions, fitnesses)
         es = restore(state, len(solutions), self.rounds, self.sigma0, self.eigenmethod, weights)
         es.sigma = sigma_prime
         # The reference asks for M samples and throws them away; pycma's ask matters only for what
@@ -156,19 +153,41 @@ def paper_server_sigma(contributions: Sequence[Contribution], local_popsize: int
     return 2.0 * math.sqrt(total / (m * local_popsize))
 
 
-def recombination(
-    server_weights: Weights, usable: Sequence[Contribution], fitnesses: list[float]
+def rank_weights(
+    usable: Sequence[Contribution], fitnesses: list[float]
 ) -> tuple[list[float] | None, list[float]]:
-    """(recombination weights by rank or None for pycma's own, the values pycma ranks by).
+    """pycma's own weights over the clients' fitnesses (the reference)."""
+    return None, fitnesses
 
-    rank: pycma's weights over the clients' fitnesses (the reference). equal: 1/M each. samples:
-    proportional to each client's n_samples; pycma weighs by rank, so the clients are ranked by
+
+def equal_weights(
+    usable: Sequence[Contribution], fitnesses: list[float]
+) -> tuple[list[float] | None, list[float]]:
+    """1/M each, whatever the fitnesses."""
+    return [1.0] * len(fitnesses), fitnesses
+
+
+def sample_weights(
+    usable: Sequence[Contribution], fitnesses: list[float]
+) -> tuple[list[float] | None, list[float]]:
+    """Proportional to each client's n_samples. pycma weighs by rank, so the clients are ranked by
     n_samples (most first, name order on ties) and the weights are the sorted n_samples."""
-    m = len(fitnesses)
-    if server_weights == "rank":
-        return None, fitnesses
-    if server_weights == "equal" or len(usable) == 1:
-        return [1.0] * m, fitnesses
-    order = sorted(range(m), key=lambda i: -usable[i].n_samples)  # stable: name order on ties
+    if len(usable) == 1:  # one client, doubled by aggregate: equal halves of the same mean
+        return equal_weights(usable, fitnesses)
+    order = sorted(range(len(fitnesses)), key=lambda i: -usable[i].n_samples)  # stable: name order
     rank_of = {i: r for r, i in enumerate(order)}
-    return [float(usable[i].n_samples) for i in order], [float(rank_of[i]) for i in range(m)]
+    return [float(usable[i].n_samples) for i in order], [float(rank_of[i]) for i in range(len(fitnesses))]
+
+
+# Each server_weights option: (recombination weights by rank, or None for pycma's own; the values
+# pycma ranks by) from the usable contributions and their fitnesses.
+Recombination = Callable[[Sequence[Contribution], list[float]], tuple[list[float] | None, list[float]]]
+_RECOMBINATION: dict[Weights, Recombination] = {
+    "rank": rank_weights,
+    "equal": equal_weights,
+    "samples": sample_weights,
+}
+_SERVER_SIGMA: dict[str, Callable[[Sequence[Contribution], int], float]] = {
+    "reference": lambda contributions, _popsize: reference_server_sigma(contributions),
+    "paper": paper_server_sigma,
+}

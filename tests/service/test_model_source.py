@@ -87,3 +87,23 @@ def test_allow_download_asks_the_hub(hub: list[str], tmp_path: Path) -> None:
     done = _serve("roberta-large", tmp_path, "--allow-download")
     assert done.returncode == 2, done.stderr  # this "hub" has no such model
     assert any("roberta-large" in path for path in hub)
+
+
+def test_the_vllm_backend_refuses_a_head_it_does_not_serve(hub: list[str], tmp_path: Path) -> None:
+    from inference_service.settings import default_model_path
+
+    done = _serve(str(default_model_path()), tmp_path, "--backend", "vllm")  # _serve asks for mlm
+    assert done.returncode == 2, done.stderr
+    assert "the vLLM backend serves the causal head only, not 'mlm'" in done.stderr
+    assert hub == []
+
+
+def test_the_vllm_backend_says_when_it_is_not_installed(hub: list[str], tmp_path: Path) -> None:
+    # The main environment never holds vLLM (it lives in .venv-vllm, `make setup-vllm`).
+    from inference_service.settings import default_model_path
+
+    done = _serve(str(default_model_path()), tmp_path, "--backend", "vllm", "--head", "causal")
+    assert done.returncode == 2, done.stderr
+    assert "the vLLM backend is not available here: vllm is not installed" in done.stderr
+    assert "make setup-vllm" in done.stderr and "Traceback" not in done.stderr
+    assert hub == []
