@@ -15,22 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 from inference_service.metrics import ServiceMetrics
+from protos.bodies import BODY_METHODS, ASGIApp, Message, Receive, Scope, Send, answer, read_body, replaying
 from protos.media import NOT_JSON, declares_json
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
 
 TENANT_KEY = "fedbpt.tenant"
 
@@ -38,24 +27,6 @@ TENANT_KEY = "fedbpt.tenant"
 def tenant_of(key: bytes) -> str:
     """A caller's tenant: a digest of its key (the key itself is never kept beside the data)."""
     return hashlib.sha256(b"fedbpt.tenant\x00" + key).hexdigest()[:32]
-
-
-async def _answer(
-    send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 class GuardMiddleware:
@@ -90,15 +61,6 @@ class GuardMiddleware:
                     return found
         return None
 
-    def _declared_length(self, scope: Scope) -> int | None:
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    return int(value)
-                except ValueError:
-                    return -1
-        return None
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -125,7 +87,7 @@ class GuardMiddleware:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         tenant = self._tenant(scope) if self.keys and path.startswith("/v1/") else ""
         if tenant is None:
-            await _answer(
+            await answer(
                 send,
                 401,
                 "missing or wrong bearer token (Authorization: Bearer <FEDBPT_API_KEY>)",
@@ -133,46 +95,14 @@ class GuardMiddleware:
             )
             return
         scope[TENANT_KEY] = tenant
-        if scope.get("method") not in _BODY_METHODS:
+        if scope.get("method") not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        declared = self._declared_length(scope)
-        if declared is not None and declared < 0:
-            await _answer(send, 400, "Content-Length is not a number")
+        body = await read_body(scope, receive, send, max_bytes=self.max_body_bytes)
+        if body is None:
             return
-        if declared is not None and declared > self.max_body_bytes:
-            await _answer(
-                send,
-                413,
-                f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes} bytes",
-            )
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await _answer(send, 413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
         self.metrics.request_bytes.labels(self.metrics.route(path)).inc(len(body))
         if body and not declares_json(scope.get("headers", [])):
-            await _answer(send, 415, NOT_JSON)
+            await answer(send, 415, NOT_JSON)
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)

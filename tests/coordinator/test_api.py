@@ -7,7 +7,7 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -467,6 +467,23 @@ def test_oversized_body_is_413(coordinator_factory: Callable[..., Coordinator]) 
     before = coord.dump()
     r = coord.post_update(run_id, 0, a, synthetic_update(task, 1))
     assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert coord.dump() == before
+
+
+def test_an_oversized_streamed_body_is_413(coordinator_factory: Callable[..., Coordinator]) -> None:
+    coord = coordinator_factory(max_body_bytes=2048)
+    before = coord.dump()
+
+    def chunks() -> Iterator[bytes]:  # streamed: no Content-Length to refuse it by
+        yield b'{"rounds": 2, "note": "'
+        for _ in range(10):
+            yield b"x" * 512
+        yield b'"}'
+
+    r = coord.http.post(
+        "/v1/runs", content=chunks(), headers={**ADMIN_HEADERS, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 413 and "exceeds the limit of 2048 bytes" in r.json()["detail"]
     assert coord.dump() == before
 
 
