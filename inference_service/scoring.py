@@ -207,19 +207,30 @@ class Scorer:
         """Run requests of one merge key (same task and prompt layout) in shared forward passes; a
         request whose logits are not all finite gets a NonFiniteLogits (422) as its answer."""
         start = time.perf_counter()
-        first = group[0]
-        seqs0, task = first.seqs, first.task
         # Global row g belongs to request owner[g], its row local[g] (= p * B + b).
         owner = [k for k, p in enumerate(group) for _ in range(p.rows)]
         local = [r for p in group for r in range(p.rows)]
-        base = np.cumsum([0] + [p.num_prompts for p in group])
         if len(group) == 1:
-            chunks = first.chunks
+            chunks = group[0].chunks
         else:
             lengths = [
                 group[k].seqs.lengths[r % group[k].num_inputs] for k, r in zip(owner, local, strict=True)
             ]
             chunks = plan_rows(lengths, self.max_batch_tokens, self.bucketing)
+        outs, padded = self._forward_rows(group, chunks, owner, local)
+        seconds = time.perf_counter() - start
+        return [
+            self._answer(p, out, len(chunks), padded, seconds) for p, out in zip(group, outs, strict=True)
+        ]
+
+    def _forward_rows(
+        self, group: list[PreparedScore], chunks: list[list[int]], owner: list[int], local: list[int]
+    ) -> tuple[list[torch.Tensor], int]:
+        """The group's logits, one tensor per request, computed chunk by chunk; and the padded
+        token count of all the chunks' batches."""
+        first = group[0]
+        task = first.task
+        base = np.cumsum([0] + [p.num_prompts for p in group])
         prompts = first.prompts
         if prompts is not None and len(group) > 1:  # the merge key makes them all present
             prompts = torch.cat([p.prompts for p in group if p.prompts is not None])
@@ -230,8 +241,8 @@ class Scorer:
                 rows = [(group[owner[g]], local[g], owner[g]) for g in chunk]
                 batch = RowBatch(
                     token_ids=[p.seqs.token_ids[r % p.num_inputs] for p, r, _ in rows],
-                    prompt_start=seqs0.prompt_start,
-                    prompt_length=seqs0.prompt_length,
+                    prompt_start=first.seqs.prompt_start,
+                    prompt_length=first.seqs.prompt_length,
                     prompt_index=[int(base[k]) + r // p.num_inputs for p, r, k in rows],
                     prompts=prompts,
                     prompt_mode=first.prompt_mode,
@@ -245,25 +256,27 @@ class Scorer:
                 padded += chunk_padded
                 if self.on_forward is not None:
                     self.on_forward(len(batch), chunk_padded)
-        seconds = time.perf_counter() - start
-        responses: list[ScoreResponse | Exception] = []
-        for p, out in zip(group, outs, strict=True):
-            stats = ScoreStats(
-                forward_passes=len(chunks),  # shared by the group
-                real_tokens=sum(p.seqs.lengths) * p.num_prompts,
-                padded_tokens=padded,
-                seconds=p.prepare_seconds + seconds,
-            )
-            logits_np = out.view(p.num_prompts, p.num_inputs, task.num_labels).numpy()
-            try:
-                check_logits(logits_np)
-            except NonFiniteLogits as exc:
-                responses.append(exc)
-                continue
-            responses.append(
-                ScoreResponse(logits=Array.from_numpy(logits_np, "float32"), rows=p.rows, stats=stats)
-            )
-        return responses
+        return outs, padded
+
+    @staticmethod
+    def _answer(
+        p: PreparedScore, out: torch.Tensor, passes: int, padded: int, seconds: float
+    ) -> ScoreResponse | Exception:
+        """One request's response from its rows of the group's logits (a NonFiniteLogits if any
+        is not finite); the passes and padded tokens are the group's, shared."""
+        num_labels = p.task.num_labels
+        stats = ScoreStats(
+            forward_passes=passes,
+            real_tokens=sum(p.seqs.lengths) * p.num_prompts,
+            padded_tokens=padded,
+            seconds=p.prepare_seconds + seconds,
+        )
+        logits_np = out.view(p.num_prompts, p.num_inputs, num_labels).numpy()
+        try:
+            check_logits(logits_np)
+        except NonFiniteLogits as exc:
+            return exc
+        return ScoreResponse(logits=Array.from_numpy(logits_np, "float32"), rows=p.rows, stats=stats)
 
     def logits(self, batch: RowBatch, task: CompiledTask) -> torch.Tensor:
         if task.rules.reads_label_logits:
